@@ -1,0 +1,80 @@
+"""A plain single-process PyTorch baseline: pyarrow read, the same preprocessing and model, no Ray.
+
+Used by ``bench/parity.py`` (accuracy) and ``bench/run.py`` (throughput) as the reference point.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow.dataset as pads
+import torch
+import torch.nn.functional as F
+
+from dlbatch.models import build_model, forward_batch
+from dlbatch.predict import preprocess_spec
+from dlbatch.preprocess import preprocess_batch
+
+
+def load_split(path: str, spec: dict[str, Any]) -> dict[str, torch.Tensor]:
+    table = pads.dataset(path, format="parquet").to_table()
+    cols = preprocess_batch(table, spec)
+    ok = np.asarray(cols["reject_reason"].is_null())
+    names = ["x"] if spec["kind"] == "image" else ["tokens", "length"]
+    return {k: torch.from_numpy(np.ascontiguousarray(cols[k][ok])) for k in [*names, "y"]}
+
+
+def batches(data: dict[str, torch.Tensor], batch_size: int, perm: torch.Tensor | None = None):
+    n = len(data["y"])
+    idx = perm if perm is not None else torch.arange(n)
+    for start in range(0, n, batch_size):
+        sel = idx[start : start + batch_size]
+        yield {k: v[sel] for k, v in data.items()}
+
+
+def train_plain(
+    kind: str,
+    meta: dict[str, Any],
+    train: dict,
+    val: dict,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int = 0,
+) -> tuple[torch.nn.Module, list[dict[str, float]]]:
+    torch.manual_seed(seed)
+    model = build_model(kind, meta["model_args"])
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    history = []
+    for epoch in range(epochs):
+        model.train()
+        t0 = time.perf_counter()
+        for batch in batches(train, batch_size):
+            loss = F.cross_entropy(forward_batch(model, kind, batch), batch["y"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        train_s = time.perf_counter() - t0
+        history.append(
+            {
+                "epoch": epoch,
+                "samples_per_s": len(train["y"]) / train_s,
+                "val_accuracy": accuracy(model, kind, val),
+            }
+        )
+    return model, history
+
+
+@torch.inference_mode()
+def accuracy(model: torch.nn.Module, kind: str, data: dict) -> float:
+    model.eval()
+    correct = sum(
+        (forward_batch(model, kind, b).argmax(1) == b["y"]).sum().item() for b in batches(data, 1024)
+    )
+    return correct / len(data["y"])
+
+
+def spec_for(kind: str, meta: dict[str, Any]) -> dict[str, Any]:
+    return preprocess_spec(kind, meta["config"], meta)

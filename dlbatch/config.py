@@ -1,0 +1,202 @@
+"""Typed, frozen job configuration: YAML file plus ``key=value`` overrides.
+
+YAML is parsed with ``yaml.safe_load`` (config is data, never code). Unknown keys and wrong types are
+errors. Configs travel to Ray workers as plain dicts (``cfg.model_dump()``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from dlbatch.errors import ConfigError
+
+Task = Literal["image", "text"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class DataConfig(_Frozen):
+    """Where a task's data lives and how its columns are named. Empty paths mean: use the demo data."""
+
+    train: str | None = None
+    val: str | None = None
+    test: str | None = None
+    score: str | None = None
+    label_column: str = "label"
+    id_column: str = "id"
+    passthrough_columns: tuple[str, ...] = ()
+    # Hive partition filter applied to every split, e.g. {"dt": "2026-11-25"}.
+    partition: dict[str, str] = Field(default_factory=dict)
+    # Labels: ints in [0, num_classes) or strings (mapped through a label map built from train).
+    num_classes: int | None = Field(default=None, ge=2)
+
+
+class ImageConfig(_Frozen):
+    column: str = "image"
+    height: int = Field(default=28, ge=8)
+    width: int = Field(default=28, ge=8)
+    channels: Literal[1, 3] = 1
+    # Images of another size are resized (bilinear) to height x width; with resize off they are rejected.
+    resize: bool = True
+
+
+class TextConfig(_Frozen):
+    column: str = "text"
+    vocab_size: int = Field(default=10_000, ge=4)
+    max_length: int = Field(default=64, ge=1)
+    min_count: int = Field(default=1, ge=1)
+
+
+class CNNConfig(_Frozen):
+    conv_channels: tuple[int, int, int] = (32, 64, 64)
+    hidden: int = Field(default=64, ge=1)
+
+
+class GRUConfig(_Frozen):
+    embed_dim: int = Field(default=64, ge=1)
+    hidden: int = Field(default=64, ge=1)
+    dense: int = Field(default=64, ge=1)
+
+
+class TrainConfig(_Frozen):
+    epochs: int = Field(default=3, ge=1)
+    batch_size: int = Field(default=64, ge=1)  # per worker: the global batch is num_workers x batch_size
+    lr: float = Field(default=3e-3, gt=0)
+    num_workers: int = Field(default=2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    max_failures: int = Field(default=0, ge=-1)
+    seed: int = 0
+
+
+class PredictConfig(_Frozen):
+    batch_size: int = Field(default=512, ge=1)
+    num_actors: int = Field(default=1, ge=1)
+    gpus_per_actor: float = Field(default=0.0, ge=0)
+    cpus_per_actor: float = Field(default=1.0, gt=0)
+
+
+class TaskConfig(_Frozen):
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    predict: PredictConfig = PredictConfig()
+
+
+class ImageTaskConfig(TaskConfig):
+    image: ImageConfig = ImageConfig()
+    model: CNNConfig = CNNConfig()
+
+
+class TextTaskConfig(TaskConfig):
+    text: TextConfig = TextConfig()
+    model: GRUConfig = GRUConfig()
+
+
+class ClusterConfig(_Frozen):
+    # None: join a running cluster if RAY_ADDRESS says so (ray job submit), else start a local one.
+    address: str | None = None
+    # Logical CPUs of a local cluster. Above the machine's cores on purpose: training workers each hold one,
+    # and Ray Data must still get CPUs or the job hangs (DESIGN.md pitfall 1).
+    local_num_cpus: int | None = None
+
+
+class JobConfig(_Frozen):
+    tasks: tuple[Task, ...] = ("image", "text")
+    output_root: str = "dlbatch-output"
+    run_date: dt.date | None = None  # None: today (UTC)
+    demo_rows: int = Field(default=6000, ge=100)  # training rows per demo task when data paths are empty
+    max_reject_fraction: float = Field(default=0.05, ge=0, le=1)
+    image: ImageTaskConfig = ImageTaskConfig()
+    text: TextTaskConfig = TextTaskConfig()
+    cluster: ClusterConfig = ClusterConfig()
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks_unique(cls, tasks: tuple[str, ...]) -> tuple[str, ...]:
+        if not tasks or len(set(tasks)) != len(tasks):
+            raise ValueError("must name each task at most once and at least one task")
+        return tasks
+
+    def task(self, name: Task) -> ImageTaskConfig | TextTaskConfig:
+        return self.image if name == "image" else self.text
+
+    def effective_run_date(self) -> dt.date:
+        return self.run_date or dt.datetime.now(dt.timezone.utc).date()
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ``["train.epochs=3", "tasks=[image]"]`` into a nested dict; values are YAML scalars/lists."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "<root>"
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{source}: {where}: {first['msg']}{more}"
+
+
+def build_config(data: dict[str, Any], source: str = "config") -> JobConfig:
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply ``key=value`` overrides."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of config keys")
+        data = loaded or {}
+    if overrides:
+        data = _merge(data, parse_overrides(overrides))
+        source = f"{source} + overrides"
+    return build_config(data, source)

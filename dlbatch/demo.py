@@ -1,0 +1,201 @@
+"""Deterministic demo datasets, written in the Parquet layouts of DESIGN.md.
+
+- image: 28x28 grayscale digits 0-9 drawn with Pillow's bundled font under random affine transforms,
+  stroke widths and noise; ``image`` is a ``{bytes: PNG, path}`` struct, ``label`` an int.
+- text: short documents in 4 topics, drawn from topic words, words shared between neighbouring topics and
+  common English, with 3% label noise, so accuracy is learnable but not trivially 100%; ``label`` a string.
+
+Splits: train / val / test / score (score has no label column). Every row has an ``id``.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw, ImageFont
+
+DEMO_VERSION = 1
+SPLIT_FRACTIONS = {"train": 1.0, "val": 1 / 6, "test": 1 / 6, "score": 1 / 3}
+FILES_PER_SPLIT = 2
+
+TOPICS: dict[str, str] = {
+    "sports": "match goal coach league season striker keeper tournament referee stadium fans score "
+    "championship playoff injury transfer squad midfield defender penalty victory defeat trophy "
+    "athlete sprint marathon medal olympic record training",
+    "business": "market shares profit revenue quarter investor merger acquisition stock earnings "
+    "startup funding valuation ceo board dividend inflation bank loan interest rates retail "
+    "supply demand customers sales forecast budget",
+    "science": "researchers study experiment physics chemistry molecule particle telescope galaxy "
+    "planet climate species evolution genome laboratory hypothesis data theory quantum energy "
+    "fossil satellite orbit discovery journal peer",
+    "health": "patients doctor hospital treatment vaccine disease symptoms clinic nurse diet "
+    "exercise sleep therapy diagnosis virus infection blood pressure heart cancer surgery "
+    "medicine dose trial recovery mental wellbeing",
+}
+# Words that genuinely belong to two topics: the overlap that keeps accuracy below 100%.
+SHARED: dict[tuple[str, str], str] = {
+    ("sports", "business"): "team contract deal sponsor million club owner growth",
+    ("business", "science"): "technology innovation patent company investment analysis",
+    ("science", "health"): "research clinical results scientists evidence trial cells brain",
+    ("health", "sports"): "fitness muscle injury recovery performance diet",
+}
+COMMON = [
+    "the",
+    "a",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "was",
+    "for",
+    "on",
+    "that",
+    "with",
+    "as",
+    "it",
+    "at",
+    "by",
+    "from",
+    "this",
+    "be",
+    "are",
+    "have",
+    "has",
+    "said",
+    "new",
+    "year",
+    "after",
+    "more",
+    "about",
+    "its",
+    "last",
+    "two",
+    "first",
+    "over",
+    "than",
+    "they",
+    "which",
+    "will",
+    "also",
+    "people",
+    "time",
+    "week",
+    "report",
+    "could",
+    "would",
+    "their",
+    "been",
+    "some",
+    "most",
+    "into",
+    "while",
+    "many",
+    "other",
+    "just",
+    "under",
+    "since",
+    "when",
+]
+
+
+def _digit_templates(size: int = 56) -> list[np.ndarray]:
+    font = ImageFont.load_default(size=int(size * 0.8))
+    templates = []
+    for digit in range(10):
+        img = Image.new("L", (size, size), 0)
+        draw = ImageDraw.Draw(img)
+        draw.text((size / 2, size / 2), str(digit), fill=255, font=font, anchor="mm")
+        templates.append(img)
+    return templates
+
+
+def render_digit(template: Image.Image, rng: np.random.Generator, out: int = 28) -> np.ndarray:
+    """One 28x28 uint8 digit: random rotation, scale, shear, shift, stroke blur and noise."""
+    size = template.size[0]
+    angle = math.radians(rng.uniform(-15, 15))
+    scale = rng.uniform(0.85, 1.15) * out / size
+    shear = rng.uniform(-0.2, 0.2)
+    shift = rng.uniform(-2.5, 2.5, size=2)
+    # Inverse affine map from output pixel to template pixel, about the centres.
+    cos, sin = math.cos(angle) / scale, math.sin(angle) / scale
+    a, b, d, e = cos, -sin + shear / scale, sin, cos
+    cx, cy = out / 2 + shift[0], out / 2 + shift[1]
+    c = size / 2 - a * cx - b * cy
+    f = size / 2 - d * cx - e * cy
+    img = template.transform((out, out), Image.AFFINE, (a, b, c, d, e, f), resample=Image.BILINEAR)
+    pixels = np.asarray(img, dtype=np.float32) * rng.uniform(0.6, 1.0)
+    pixels += rng.normal(0, 25, size=pixels.shape)
+    return np.clip(pixels, 0, 255).astype(np.uint8)
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_image_table(n: int, seed: int, with_labels: bool = True, prefix: str = "img") -> pa.Table:
+    rng = np.random.default_rng(seed)
+    templates = _digit_templates()
+    labels = rng.integers(0, 10, size=n)
+    images = [
+        {"bytes": _png(render_digit(templates[y], rng)), "path": f"{prefix}-{i:07d}.png"}
+        for i, y in enumerate(labels)
+    ]
+    cols = {
+        "id": pa.array([f"{prefix}-{i:07d}" for i in range(n)]),
+        "image": pa.array(images, pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+    }
+    if with_labels:
+        cols["label"] = pa.array(labels, pa.int64())
+    return pa.table(cols)
+
+
+def make_text_table(n: int, seed: int, with_labels: bool = True, prefix: str = "doc") -> pa.Table:
+    rng = np.random.default_rng(seed)
+    topics = list(TOPICS)
+    own = {t: TOPICS[t].split() for t in topics}
+    shared = {t: [w for pair, words in SHARED.items() if t in pair for w in words.split()] for t in topics}
+    labels = rng.integers(0, len(topics), size=n)
+    common = np.array(COMMON)
+    docs = []
+    for y in labels:
+        pools = (np.array(own[topics[y]]), np.array(shared[topics[y]]), common)
+        length = int(rng.integers(6, 30))
+        source = rng.choice(3, size=length, p=[0.22, 0.18, 0.60])
+        picks = rng.random(length)
+        words = [pools[s][int(r * len(pools[s]))] for s, r in zip(source, picks, strict=True)]
+        text = " ".join(words)
+        docs.append(text[0].upper() + text[1:] + ".")
+    noisy = rng.random(n) < 0.03
+    labels = np.where(noisy, rng.integers(0, len(topics), size=n), labels)
+    cols = {"id": pa.array([f"{prefix}-{i:07d}" for i in range(n)]), "text": pa.array(docs)}
+    if with_labels:
+        cols["label"] = pa.array([topics[y] for y in labels])
+    return pa.table(cols)
+
+
+def write_demo_data(root: str | Path, task: str, train_rows: int, seed: int = 0) -> dict[str, str]:
+    """Write the demo splits for ``task`` under ``root`` (once; reused after) and return split -> dir."""
+    base = Path(root) / f"v{DEMO_VERSION}-n{train_rows}-s{seed}" / task
+    paths = {split: str(base / split) for split in SPLIT_FRACTIONS}
+    if (base / "_SUCCESS").exists():
+        return paths
+    make = make_image_table if task == "image" else make_text_table
+    for k, (split, frac) in enumerate(SPLIT_FRACTIONS.items()):
+        n = max(20, int(train_rows * frac))
+        table = make(n, seed=seed * 100 + k, with_labels=split != "score", prefix=f"{task}-{split}")
+        out = base / split
+        out.mkdir(parents=True, exist_ok=True)
+        bounds = np.linspace(0, n, FILES_PER_SPLIT + 1).astype(int)
+        for j in range(FILES_PER_SPLIT):
+            part = table.slice(bounds[j], bounds[j + 1] - bounds[j])
+            pq.write_table(part, out / f"part-{j:04d}.parquet", row_group_size=1000)
+    (base / "_SUCCESS").write_text("")
+    return paths

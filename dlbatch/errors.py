@@ -1,0 +1,17 @@
+"""Errors a user sees as one line. Jobs print ``str(err)`` and exit non-zero; no stack trace."""
+
+
+class DlbatchError(Exception):
+    """Base for errors that carry a complete, user-facing one-line message."""
+
+
+class ConfigError(DlbatchError):
+    """The configuration is invalid (unknown key, wrong type, bad value)."""
+
+
+class DataError(DlbatchError):
+    """A dataset cannot be used: missing files or columns, wrong types, corrupt Parquet, too many rejects."""
+
+
+class CheckpointError(DlbatchError):
+    """A checkpoint is missing, truncated or tampered with."""

@@ -1,0 +1,127 @@
+"""The two models as plain ``nn.Module``s. No Ray code here."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class CNNArgs:
+    num_classes: int
+    in_channels: int = 1
+    height: int = 28
+    width: int = 28
+    conv_channels: tuple[int, int, int] = (32, 64, 64)
+    hidden: int = 64
+
+
+def _conv_out(size: int) -> int:
+    # conv3 (valid) -> pool2 -> conv3 -> pool2 -> conv3
+    size = (size - 2) // 2
+    size = (size - 2) // 2
+    return size - 2
+
+
+class ImageCNN(nn.Module):
+    """Conv(32)-Pool-Conv(64)-Pool-Conv(64)-Flatten-Linear(64)-Linear(classes); returns logits."""
+
+    def __init__(self, args: CNNArgs):
+        super().__init__()
+        c1, c2, c3 = args.conv_channels
+        out_h, out_w = _conv_out(args.height), _conv_out(args.width)
+        if out_h < 1 or out_w < 1:
+            raise ValueError(
+                f"input {args.height}x{args.width} is too small for three 3x3 convs and two pools"
+            )
+        self.features = nn.Sequential(
+            nn.Conv2d(args.in_channels, c1, 3), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 3), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(c2, c3, 3), nn.ReLU(),
+        )  # fmt: skip
+        self.head = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(c3 * out_h * out_w, args.hidden),
+            nn.ReLU(),
+            nn.Linear(args.hidden, args.num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (B, C, H, W) float in [0, 1]
+        return self.head(self.features(x))  # (B, classes)
+
+
+@dataclass(frozen=True)
+class GRUArgs:
+    num_classes: int
+    vocab_size: int = 10_000
+    embed_dim: int = 64
+    hidden: int = 64
+    dense: int = 64
+
+
+class TextGRU(nn.Module):
+    """Embedding-GRU-Linear-Linear, classifying from the last *valid* hidden state of each sequence."""
+
+    def __init__(self, args: GRUArgs):
+        super().__init__()
+        self.embed = nn.Embedding(args.vocab_size, args.embed_dim, padding_idx=0)
+        self.gru = nn.GRU(args.embed_dim, args.hidden, batch_first=True)
+        self.head = nn.Sequential(
+            nn.Linear(args.hidden, args.dense), nn.ReLU(), nn.Linear(args.dense, args.num_classes)
+        )
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        # tokens: (B, T) int64, right-padded with 0; lengths: (B,) >= 1
+        emb = self.embed(tokens)  # (B, T, E)
+        packed = nn.utils.rnn.pack_padded_sequence(
+            emb, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False
+        )
+        _, last = self.gru(packed)  # last: (1, B, H), the state after each sequence's last real token
+        return self.head(last[0])  # (B, classes)
+
+
+def build_model(kind: str, model_args: dict) -> nn.Module:
+    """Build a model from its kind ("image" / "text") and the args dict saved in checkpoints."""
+    if kind == "image":
+        args = dict(model_args)
+        args["conv_channels"] = tuple(args.get("conv_channels", CNNArgs.conv_channels))
+        return ImageCNN(CNNArgs(**args))
+    if kind == "text":
+        return TextGRU(GRUArgs(**model_args))
+    raise ValueError(f"unknown model kind {kind!r}")
+
+
+def model_args_for(kind: str, num_classes: int, task_cfg: dict, vocab_len: int | None = None) -> dict:
+    """Model args from a task config dict (as sent to workers) and facts learned from the data."""
+    model = task_cfg["model"]
+    if kind == "image":
+        img = task_cfg["image"]
+        return asdict(
+            CNNArgs(
+                num_classes=num_classes,
+                in_channels=img["channels"],
+                height=img["height"],
+                width=img["width"],
+                conv_channels=tuple(model["conv_channels"]),
+                hidden=model["hidden"],
+            )
+        )
+    return asdict(
+        GRUArgs(
+            num_classes=num_classes,
+            vocab_size=vocab_len,
+            embed_dim=model["embed_dim"],
+            hidden=model["hidden"],
+            dense=model["dense"],
+        )
+    )
+
+
+def forward_batch(model: nn.Module, kind: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Run the model on a preprocessed batch (the columns written by ``dlbatch.data``)."""
+    if kind == "image":
+        return model(batch["x"])
+    return model(batch["tokens"], batch["length"])

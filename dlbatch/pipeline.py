@@ -1,0 +1,300 @@
+"""The job's stages for one task: check data, train, evaluate on test, predict on score data.
+
+Each stage is a function with explicit arguments, so jobs stay thin and tests call the real thing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow.fs as pafs
+
+from dlbatch.config import JobConfig, Task
+from dlbatch.data import SplitInfo, build_label_names, build_vocab, inspect_split, read_split, split_columns
+from dlbatch.demo import write_demo_data
+from dlbatch.errors import DataError
+from dlbatch.models import model_args_for
+from dlbatch.predict import PRED_COLUMNS, predict_dataset, preprocess_spec
+from dlbatch.preprocess import preprocess_for_training
+from dlbatch.store import RunPaths, is_published, mark_published, publish_split, remove_if_exists, staging_dir
+from dlbatch.train import FEATURES, train_loop_per_worker
+
+log = logging.getLogger("dlbatch")
+REJECT_COLUMNS = ["source", "reject_reason"]
+
+
+@dataclass
+class TaskData:
+    """The checked splits of one task plus what training learned from them."""
+
+    splits: dict[str, SplitInfo]
+    meta: dict[str, Any]  # kind, label map, vocabulary, model args, config: saved with every checkpoint
+
+
+@dataclass
+class Counts:
+    read: int = 0
+    used: int = 0
+    rejected: int = 0
+
+    def check(self, what: str) -> None:
+        # Conservation: every row read is either used or rejected; anything else is a bug, not bad data.
+        if self.read != self.used + self.rejected:
+            raise RuntimeError(
+                f"{what}: {self.read} rows read != {self.used} used + {self.rejected} rejected"
+            )
+
+
+@dataclass
+class TaskResult:
+    task: str
+    run_id: str
+    rows: dict[str, Counts] = field(default_factory=dict)
+    durations_s: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    paths: dict[str, str] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def data_paths(cfg: JobConfig, task: Task) -> dict[str, str | None]:
+    """Configured split paths; with none configured, the demo data (generated once under output_root)."""
+    data = cfg.task(task).data
+    paths = {"train": data.train, "val": data.val, "test": data.test, "score": data.score}
+    if any(paths.values()):
+        return paths
+    from dlbatch.store import resolve_path
+
+    fs, root = resolve_path(cfg.output_root)
+    if not isinstance(fs, pafs.LocalFileSystem):
+        raise DataError(
+            f"{cfg.output_root}: demo data is only generated on local disk; set {task}.data.* paths"
+        )
+    log.info("%s: no data paths configured, using the demo data", task)
+    return write_demo_data(f"{root}/demo-data", task, cfg.demo_rows, seed=0)
+
+
+def check_task_data(cfg: JobConfig, task: Task, splits: tuple[str, ...]) -> TaskData:
+    """Fail fast on bad datasets (footers only), then learn the label map and vocabulary from train."""
+    task_cfg = cfg.task(task).model_dump()
+    paths = data_paths(cfg, task)
+    infos: dict[str, SplitInfo] = {}
+    for split in splits:
+        if not paths.get(split):
+            raise DataError(f"{task}.data.{split}: no path configured")
+        infos[split] = inspect_split(split, paths[split], task_cfg, task, needs_label=split != "score")
+    meta: dict[str, Any] = {"kind": task, "config": task_cfg}
+    if "train" in infos:
+        meta["label_type"] = infos["train"].label_type
+        meta["label_names"] = build_label_names(infos["train"], task_cfg)
+        vocab = None
+        if task == "text":
+            vocab = build_vocab(infos["train"], task_cfg)
+            meta["vocab"], meta["max_length"] = vocab, task_cfg["text"]["max_length"]
+        meta["model_args"] = model_args_for(
+            task, len(meta["label_names"]), task_cfg, len(vocab) + 2 if vocab else None
+        )
+    return TaskData(splits=infos, meta=meta)
+
+
+def _write_rejects(ds, paths: RunPaths, split: str, id_column: str) -> None:
+    from ray.data.expressions import col
+
+    staged = staging_dir(paths, f"rejects-{split}")
+    ds.filter(expr=col("reject_reason").is_not_null()).select_columns(["id", *REJECT_COLUMNS]).rename_columns(
+        {"id": id_column}
+    ).write_parquet(staged, filesystem=paths.fs)
+    dest = paths.path("rejects", split)
+    remove_if_exists(paths.fs, dest)
+    paths.fs.create_dir(staged, recursive=True)
+    paths.fs.move(staged, dest) if isinstance(paths.fs, pafs.LocalFileSystem) else pafs.copy_files(
+        staged, dest, source_filesystem=paths.fs, destination_filesystem=paths.fs
+    )
+
+
+def _check_reject_fraction(cfg: JobConfig, task: str, split: str, counts: Counts, rejects_uri: str) -> None:
+    frac = counts.rejected / max(counts.read, 1)
+    if frac > cfg.max_reject_fraction:
+        raise DataError(
+            f"{task}/{split}: {counts.rejected} of {counts.read} rows rejected ({frac:.1%}), above "
+            f"max_reject_fraction {cfg.max_reject_fraction:.1%}; reasons in {rejects_uri}"
+        )
+
+
+def prepare_training_split(
+    cfg: JobConfig, task: Task, data: TaskData, split: str, paths: RunPaths, result: TaskResult
+):
+    """Read + preprocess + route rejects. Returns the materialized model-ready dataset.
+
+    Materialized once: training iterates it every epoch, and decoding again each epoch would be waste.
+    """
+    from ray.data.expressions import col
+
+    info = data.splits[split]
+    task_cfg = data.meta["config"]
+    spec = preprocess_spec(task, task_cfg, data.meta)
+    prepared = (
+        read_split(
+            info, columns=split_columns(info, task_cfg, task, with_label=True), shuffle_files=split == "train"
+        )
+        .map_batches(
+            preprocess_for_training, batch_format="pyarrow", batch_size=1024, fn_kwargs={"spec": spec}
+        )
+        .materialize()
+    )
+    ok = prepared.filter(expr=col("reject_reason").is_null()).select_columns(FEATURES[task]).materialize()
+    counts = Counts(read=info.num_rows, used=ok.count())
+    counts.rejected = prepared.count() - counts.used
+    if counts.rejected:
+        _write_rejects(prepared, paths, split, task_cfg["data"]["id_column"])
+    counts.check(f"{task}/{split}")
+    result.rows[split] = counts
+    _check_reject_fraction(cfg, task, split, counts, paths.uri("rejects", split))
+    return ok
+
+
+def train_model(cfg: JobConfig, task: Task, data: TaskData, paths: RunPaths, result: TaskResult) -> str:
+    """Fit with Ray Train; publish the best checkpoint (by val accuracy) to ``runs/<date>/<task>/model``."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    tcfg = cfg.task(task).train
+    t0 = time.perf_counter()
+    datasets = {s: prepare_training_split(cfg, task, data, s, paths, result) for s in ("train", "val")}
+    result.durations_s["preprocess"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "kind": task,
+            "model_args": data.meta["model_args"],
+            "train": tcfg.model_dump(),
+            "meta": data.meta,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=tcfg.num_workers,
+            use_gpu=tcfg.use_gpu,
+            resources_per_worker={"CPU": tcfg.cpus_per_worker, **({"GPU": 1} if tcfg.use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=paths.run_id,
+            storage_path=paths.storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=tcfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                checkpoint_score_attribute="val_accuracy", checkpoint_score_order="max"
+            ),
+        ),
+        datasets=datasets,
+    )
+    fit = trainer.fit()
+    result.durations_s["train"] = time.perf_counter() - t0
+    best = fit.get_best_checkpoint(metric="val_accuracy", mode="max") or fit.checkpoint
+    if best is None:
+        raise RuntimeError(f"{task}: training finished without a checkpoint")
+    model_dir = paths.path("model")
+    remove_if_exists(paths.fs, model_dir)
+    paths.fs.create_dir(model_dir, recursive=True)
+    pafs.copy_files(best.path, model_dir, source_filesystem=best.filesystem, destination_filesystem=paths.fs)
+    with best.as_directory() as ckpt_dir:
+        from dlbatch.checkpoint import load_meta
+
+        history = load_meta(ckpt_dir).get("history", [])
+    final = fit.metrics or (history[-1] if history else {})
+    result.history = _latest_history(fit, history)
+    mark_published(paths.fs, model_dir, {"best_epoch": history[-1]["epoch"] if history else None})
+    result.metrics.update(
+        {
+            "best_val_accuracy": max(h["val_accuracy"] for h in result.history),
+            "final_epoch": final.get("epoch"),
+        }
+    )
+    result.paths["model"] = paths.uri("model")
+    return paths.uri("model")
+
+
+def _latest_history(fit, best_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per-epoch metrics of the whole run: the latest checkpoint's history covers every epoch."""
+    from dlbatch.checkpoint import load_meta
+
+    latest = fit.checkpoint
+    if latest is None:
+        return best_history
+    with latest.as_directory() as ckpt_dir:
+        return load_meta(ckpt_dir).get("history", best_history)
+
+
+def evaluate_model(
+    cfg: JobConfig, task: Task, data: TaskData, model_uri: str, paths: RunPaths, result: TaskResult
+) -> dict[str, Any]:
+    """Test-set accuracy and confusion matrix from the same predictor that scores production data."""
+    t0 = time.perf_counter()
+    info = data.splits["test"]
+    task_cfg = data.meta["config"]
+    run_info = {"model_version": paths.run_id, "run_date": paths.run_date}
+    preds = predict_dataset(
+        read_split(info, columns=split_columns(info, task_cfg, task, with_label=True)),
+        model_uri,
+        task_cfg,
+        run_info,
+        with_labels=True,
+    ).materialize()
+    table = preds.select_columns(["label_index", "pred_index", "reject_reason"]).to_pandas()
+    ok = table["reject_reason"].isna()
+    counts = Counts(read=info.num_rows, used=int(ok.sum()), rejected=int((~ok).sum()))
+    if counts.rejected:
+        _write_rejects(preds, paths, "test", task_cfg["data"]["id_column"])
+    counts.check(f"{task}/test")
+    result.rows["test"] = counts
+    _check_reject_fraction(cfg, task, "test", counts, paths.uri("rejects", "test"))
+    y_true = table.loc[ok, "label_index"].to_numpy(np.int64)
+    y_pred = table.loc[ok, "pred_index"].to_numpy(np.int64)
+    k = len(data.meta["label_names"])
+    confusion = np.zeros((k, k), dtype=np.int64)
+    np.add.at(confusion, (y_true, y_pred), 1)
+    metrics = {
+        "test_accuracy": float((y_true == y_pred).mean()) if len(y_true) else float("nan"),
+        "test_rows": int(len(y_true)),
+        "confusion": confusion.tolist(),
+        "label_names": data.meta["label_names"],
+    }
+    result.metrics.update(metrics)
+    result.durations_s["evaluate"] = time.perf_counter() - t0
+    return metrics
+
+
+def predict_scores(
+    cfg: JobConfig, task: Task, data: TaskData, model_uri: str, paths: RunPaths, result: TaskResult
+) -> str:
+    """Score the score split; publish predictions and rejects all-or-nothing. Idempotent per run."""
+    pred_dir = paths.path("predictions")
+    if is_published(paths.fs, pred_dir):
+        log.info("%s: predictions already published at %s; not redone", task, paths.uri("predictions"))
+        result.paths["predictions"] = paths.uri("predictions")
+        return paths.uri("predictions")
+    t0 = time.perf_counter()
+    info = data.splits["score"]
+    task_cfg = cfg.task(task).model_dump()
+    id_column = task_cfg["data"]["id_column"]
+    run_info = {"model_version": paths.run_id, "run_date": paths.run_date}
+    staged = staging_dir(paths, "predictions")
+    predict_dataset(
+        read_split(info, columns=split_columns(info, task_cfg, task, with_label=False)),
+        model_uri,
+        task_cfg,
+        run_info,
+    ).write_parquet(staged, filesystem=paths.fs)
+    keep = [id_column, *task_cfg["data"]["passthrough_columns"], *PRED_COLUMNS, "model_version", "run_date"]
+    used, rejected = publish_split(
+        paths.fs, staged, pred_dir, paths.path("rejects", "score"), keep, [id_column, *REJECT_COLUMNS]
+    )
+    counts = Counts(read=info.num_rows, used=used, rejected=rejected)
+    counts.check(f"{task}/score")
+    result.rows["score"] = counts
+    result.durations_s["predict"] = time.perf_counter() - t0
+    result.paths["predictions"] = paths.uri("predictions")
+    _check_reject_fraction(cfg, task, "score", counts, paths.uri("rejects", "score"))
+    return paths.uri("predictions")

@@ -1,0 +1,145 @@
+"""Batch inference: a callable class for ``map_batches`` that loads the model once per actor."""
+
+from __future__ import annotations
+
+import tempfile
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from dlbatch.checkpoint import load_model
+from dlbatch.preprocess import preprocess_batch
+
+PRED_COLUMNS = ["pred_index", "pred_label", "confidence", "probs"]
+
+
+def preprocess_spec(kind: str, task_cfg: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    """Everything ``preprocess_batch`` needs, from the task config (column names) and the model's metadata
+    (image shape, vocabulary, label map: always the ones the model was trained with)."""
+    data = task_cfg["data"]
+    args = meta["model_args"]
+    spec = {
+        "kind": kind,
+        "id_column": data["id_column"],
+        "label_column": data["label_column"],
+        "label_type": meta["label_type"],
+        "label_names": meta["label_names"],
+        "num_classes": len(meta["label_names"]),
+    }
+    if kind == "image":
+        spec.update(
+            feature_column=task_cfg["image"]["column"],
+            channels=args["in_channels"],
+            height=args["height"],
+            width=args["width"],
+            resize=task_cfg["image"]["resize"],
+        )
+    else:
+        spec.update(
+            feature_column=task_cfg["text"]["column"], vocab=meta["vocab"], max_length=meta["max_length"]
+        )
+    return spec
+
+
+def _local_checkpoint(ckpt_path: str, tmp: str) -> str:
+    if "://" not in ckpt_path:
+        return ckpt_path
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(ckpt_path)
+    pafs.copy_files(path, tmp, source_filesystem=fs)
+    return tmp
+
+
+class Predictor:
+    """``map_batches`` callable: raw Arrow batch in, one output row per input row out.
+
+    Rows that cannot be used get null predictions and a ``reject_reason``; routing them to the rejects
+    output happens at publish time, so nothing is dropped here.
+    """
+
+    def __init__(
+        self, ckpt_path: str, task_cfg: dict[str, Any], run_info: dict[str, Any], with_labels: bool = False
+    ):
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        with tempfile.TemporaryDirectory() as tmp:
+            self.model, meta = load_model(_local_checkpoint(ckpt_path, tmp), self.device)
+        self.kind = meta["kind"]
+        self.spec = preprocess_spec(self.kind, task_cfg, meta)
+        self.label_names = pa.array(meta["label_names"], pa.string())
+        self.passthrough = list(task_cfg["data"]["passthrough_columns"])
+        self.id_column = task_cfg["data"]["id_column"]
+        self.run_info = run_info
+        self.with_labels = with_labels
+
+    @torch.inference_mode()
+    def _probs(self, cols: dict[str, Any], ok: np.ndarray) -> np.ndarray:
+        if self.kind == "image":
+            inputs = (torch.from_numpy(cols["x"][ok]).to(self.device, non_blocking=True),)
+        else:
+            inputs = (
+                torch.from_numpy(cols["tokens"][ok]).to(self.device, non_blocking=True),
+                torch.from_numpy(cols["length"][ok]),
+            )
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        with autocast:
+            logits = self.model(*inputs)
+        return torch.softmax(logits.float(), dim=1).cpu().numpy()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        cols = preprocess_batch(batch, self.spec, with_labels=self.with_labels)
+        reasons = cols["reject_reason"]
+        ok = np.asarray(reasons.is_null())
+        k = len(self.label_names)
+        probs = np.zeros((n, k), dtype=np.float32)
+        if ok.any():
+            probs[ok] = self._probs(cols, ok)
+        pred = probs.argmax(1).astype(np.int32)
+        mask = pa.array(~ok)
+        out = {self.id_column: cols["id"]}
+        for name in self.passthrough:
+            out[name] = batch.column(name)
+        out["pred_index"] = pa.array(pred, mask=~ok)
+        out["pred_label"] = pc.if_else(
+            pa.array(ok), self.label_names.take(pa.array(pred)), pa.scalar(None, pa.string())
+        )
+        out["confidence"] = pa.array(probs.max(1), mask=~ok)
+        flat = pa.array(probs.reshape(-1))
+        out["probs"] = pa.ListArray.from_arrays(
+            pa.array(np.arange(0, n * k + 1, k, dtype=np.int32)), flat, mask=mask
+        )
+        out["model_version"] = pa.array([self.run_info["model_version"]] * n, pa.string())
+        out["run_date"] = pa.array([self.run_info["run_date"]] * n, pa.string())
+        if self.with_labels:
+            out["label_index"] = pa.array(cols["y"])
+        out["source"] = cols["source"]
+        out["reject_reason"] = reasons
+        return pa.table(out)
+
+
+def predict_dataset(
+    ds, ckpt_path: str, task_cfg: dict[str, Any], run_info: dict[str, Any], with_labels: bool = False
+):
+    """Lazy Ray Dataset of predictions over ``ds`` (raw rows), run on an actor pool from config."""
+    pcfg = task_cfg["predict"]
+    return ds.map_batches(
+        Predictor,
+        fn_constructor_kwargs={
+            "ckpt_path": ckpt_path,
+            "task_cfg": task_cfg,
+            "run_info": run_info,
+            "with_labels": with_labels,
+        },
+        batch_format="pyarrow",
+        batch_size=pcfg["batch_size"],
+        concurrency=(1, pcfg["num_actors"]) if pcfg["num_actors"] > 1 else 1,
+        num_cpus=pcfg["cpus_per_actor"],
+        num_gpus=pcfg["gpus_per_actor"],
+        # An actor that dies (node lost, OOM) is restarted and its batches retried.
+        max_restarts=-1,
+        max_task_retries=-1,
+    )

@@ -1,0 +1,205 @@
+"""Vectorized batch preprocessing shared by training, evaluation and inference.
+
+``preprocess_batch`` takes a raw Arrow batch (as read from Parquet) and a plain-dict ``spec`` and returns
+model-ready columns plus a ``reject_reason`` per row. Bad rows are never dropped here: they keep their
+place with zeroed features and a reason, so callers can count and route them.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from PIL import Image, UnidentifiedImageError
+
+PAD, UNK = 0, 1
+TOKEN_SPLIT = r"[^\p{L}\p{N}']+"  # RE2: anything but letters, digits and apostrophes separates tokens
+
+# Columns added by the reader (``include_paths`` / ``include_row_hash``).
+PATH_COL, ROW_HASH_COL = "path", "row_hash"
+
+
+def tokenize(texts: pa.Array) -> pa.ListArray:
+    """Lower-case and split into word tokens; empty strings removed. Nulls stay null."""
+    if isinstance(texts, pa.ChunkedArray):
+        texts = texts.combine_chunks()
+    parts = pc.split_pattern_regex(pc.utf8_lower(texts), TOKEN_SPLIT)
+    flat = parts.flatten()
+    keep = pc.not_equal(flat, "")
+    kept_rows = pc.filter(pc.list_parent_indices(parts), keep).to_numpy(zero_copy_only=False)
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(kept_rows, minlength=len(parts)))]).astype(np.int32)
+    mask = pc.is_null(texts) if texts.null_count else None
+    return pa.ListArray.from_arrays(pa.array(offsets), pc.filter(flat, keep), mask=mask)
+
+
+def count_tokens(batch: pa.Table, column: str) -> pa.Table:
+    """Per-batch token counts (``value``, ``count``): the map step of vocabulary building."""
+    texts = batch.column(column).combine_chunks()
+    if not pa.types.is_string(texts.type) and not pa.types.is_large_string(texts.type):
+        return pa.table({"value": pa.array([], pa.string()), "count": pa.array([], pa.int64())})
+    counts = pc.value_counts(tokenize(texts).flatten())
+    return pa.table(
+        {"value": counts.field("values").cast(pa.string()), "count": counts.field("counts").cast(pa.int64())}
+    )
+
+
+def _encode_tokens(
+    texts: pa.Array, vocab: pa.Array, max_length: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tokens (B, T) int64, lengths (B,), empty (B,) bool). Ids: 0 pad, 1 unknown, 2.. vocabulary."""
+    lists = tokenize(texts)
+    n = len(lists)
+    lengths_full = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False)
+    flat = lists.flatten()
+    ids = pc.fill_null(pc.add(pc.index_in(flat, value_set=vocab), 2), UNK).to_numpy(zero_copy_only=False)
+    rows = pc.list_parent_indices(lists).to_numpy(zero_copy_only=False)
+    starts = np.concatenate([[0], np.cumsum(lengths_full)[:-1]])
+    pos = np.arange(len(flat)) - starts[rows] if len(flat) else np.zeros(0, np.int64)
+    keep = pos < max_length
+    tokens = np.zeros((n, max_length), dtype=np.int64)
+    tokens[rows[keep], pos[keep]] = ids[keep]
+    lengths = np.minimum(lengths_full, max_length).astype(np.int64)
+    return tokens, lengths, lengths_full == 0
+
+
+def _image_bytes_column(col: pa.Array) -> pa.Array:
+    if pa.types.is_struct(col.type):
+        return pc.struct_field(col, "bytes")
+    return col
+
+
+def _decode_one(
+    data: bytes, mode: str, height: int, width: int, resize: bool
+) -> tuple[np.ndarray | None, str | None]:
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            if img.size != (width, height):
+                if not resize:
+                    return (
+                        None,
+                        f"image is {img.size[1]}x{img.size[0]}, expected {height}x{width} (resize is off)",
+                    )
+                img = img.convert(mode).resize((width, height), Image.BILINEAR)
+            arr = np.asarray(img.convert(mode), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
+        return None, f"undecodable image ({type(err).__name__})"
+    return (arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)), None
+
+
+def _decode_images(col: pa.Array, spec: dict[str, Any], reasons: list[str | None]) -> np.ndarray:
+    c, h, w = spec["channels"], spec["height"], spec["width"]
+    out = np.zeros((len(col), c, h, w), dtype=np.uint8)
+    if (
+        pa.types.is_list(col.type)
+        or pa.types.is_large_list(col.type)
+        or pa.types.is_fixed_size_list(col.type)
+    ):
+        lengths = pc.fill_null(pc.list_value_length(col), -1).to_numpy(zero_copy_only=False)
+        valid = np.asarray(col.is_valid())
+        good = valid & (lengths == c * h * w)
+        if good.any():
+            pixels = pc.filter(col, pa.array(good)).flatten().to_numpy(zero_copy_only=False)
+            out[good] = np.clip(pixels, 0, 255).astype(np.uint8).reshape(-1, c, h, w)
+        for i in np.flatnonzero(~good):
+            if reasons[i] is None:
+                reasons[i] = (
+                    "null image"
+                    if not valid[i]
+                    else f"pixel array has {lengths[i]} values, expected {c * h * w}"
+                )
+        return out
+    mode = "L" if c == 1 else "RGB"
+    data = _image_bytes_column(col)
+    for i, value in enumerate(data.to_pylist()):
+        if value is None:
+            reasons[i] = reasons[i] or "null image"
+            continue
+        arr, reason = _decode_one(value, mode, h, w, spec["resize"])
+        if reason:
+            reasons[i] = reasons[i] or reason
+        else:
+            out[i] = arr
+    return out
+
+
+def _labels(col: pa.Array | None, spec: dict[str, Any], reasons: list[str | None]) -> np.ndarray:
+    """Label indices, -1 where there is no usable label (the reason is recorded)."""
+    if col is None:
+        return np.full(len(reasons), -1, dtype=np.int64)
+    valid = np.asarray(col.is_valid())
+    if spec["label_type"] == "string":
+        idx = pc.index_in(col.cast(pa.string()), value_set=pa.array(spec["label_names"], pa.string()))
+        y = pc.fill_null(idx, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+        known = y >= 0
+    else:
+        values = pc.fill_null(col, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+        known = (values >= 0) & (values < spec["num_classes"])
+        y = np.where(known, values, -1)
+    for i in np.flatnonzero(~(valid & known)):
+        if reasons[i] is None:
+            reasons[i] = "null label" if not valid[i] else f"unknown label {col[i].as_py()!r}"
+    return y
+
+
+def row_ids(batch: pa.Table, spec: dict[str, Any]) -> pa.Array:
+    """The row's identity: the configured id column, or the reader's stable hash of (file, row position)."""
+    if spec["id_column"] in batch.column_names:
+        return batch.column(spec["id_column"]).combine_chunks()
+    return batch.column(ROW_HASH_COL).combine_chunks()
+
+
+def preprocess_batch(batch: pa.Table, spec: dict[str, Any], with_labels: bool = True) -> dict[str, Any]:
+    """Raw Arrow batch -> model-ready numpy columns plus ``id``, ``source`` and ``reject_reason``."""
+    n = batch.num_rows
+    reasons: list[str | None] = [None] * n
+    ids = row_ids(batch, spec)
+    for i in np.flatnonzero(~np.asarray(ids.is_valid())):
+        reasons[i] = "null id"
+    out: dict[str, Any] = {}
+    if spec["kind"] == "image":
+        pixels = _decode_images(batch.column(spec["feature_column"]).combine_chunks(), spec, reasons)
+        out["x"] = pixels.astype(np.float32) * np.float32(1 / 255)
+    else:
+        texts = batch.column(spec["feature_column"]).combine_chunks()
+        tokens, lengths, empty = _encode_tokens(
+            texts, pa.array(spec["vocab"], pa.string()), spec["max_length"]
+        )
+        valid = np.asarray(texts.is_valid())
+        for i in np.flatnonzero(~valid | empty):
+            reasons[i] = reasons[i] or ("null text" if not valid[i] else "empty text")
+        out["tokens"], out["length"] = tokens, np.maximum(lengths, 1)
+    label_col = spec["label_column"]
+    has_labels = with_labels and label_col in batch.column_names
+    out["y"] = _labels(batch.column(label_col).combine_chunks() if has_labels else None, spec, reasons)
+    out["id"] = ids
+    out["source"] = (
+        batch.column(PATH_COL).combine_chunks()
+        if PATH_COL in batch.column_names
+        else pa.nulls(n, pa.string())
+    )
+    out["reject_reason"] = pa.array(reasons, pa.string())
+    return out
+
+
+def preprocess_for_training(batch: pa.Table, spec: dict[str, Any]) -> pa.Table:
+    """``map_batches`` entry point: every row kept (features + reason), so rejects can be routed after."""
+    cols = preprocess_batch(batch, spec)
+    return to_arrow(cols)
+
+
+def to_arrow(cols: dict[str, Any]) -> pa.Table:
+    from ray.data.extensions import ArrowTensorArray
+
+    arrays = {}
+    for name, value in cols.items():
+        if isinstance(value, np.ndarray) and value.ndim > 1:
+            arrays[name] = ArrowTensorArray.from_numpy(value)
+        elif isinstance(value, np.ndarray):
+            arrays[name] = pa.array(value)
+        else:
+            arrays[name] = value
+    return pa.table(arrays)

@@ -1,0 +1,146 @@
+"""What the jobs run: train, predict, nightly (train -> evaluate -> predict), plus the CLI wrapper.
+
+Each ``run_*`` takes a ``JobConfig`` and returns the summary dict that it also writes as ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+from dlbatch.cluster import ensure_ray
+from dlbatch.config import JobConfig, Task, load_config
+from dlbatch.errors import DlbatchError
+from dlbatch.pipeline import TaskResult, check_task_data, evaluate_model, predict_scores, train_model
+from dlbatch.store import RunPaths, is_published, run_paths, write_json
+
+log = logging.getLogger("dlbatch")
+
+
+def _paths(cfg: JobConfig, task: Task) -> RunPaths:
+    return run_paths(cfg.output_root, task, cfg.effective_run_date().isoformat())
+
+
+def _task_summary(result: TaskResult, started: float) -> dict[str, Any]:
+    return {
+        "task": result.task,
+        "run_id": result.run_id,
+        "test_accuracy": result.metrics.get("test_accuracy"),
+        "metrics": result.metrics,
+        "history": result.history,
+        "rows": {split: asdict(c) for split, c in result.rows.items()},
+        "paths": result.paths,
+        "durations_s": {**result.durations_s, "total": time.perf_counter() - started},
+    }
+
+
+def _write_task_summary(paths: RunPaths, summary: dict[str, Any]) -> None:
+    summary["paths"]["summary"] = paths.uri("summary.json")
+    write_json(paths.fs, paths.path("summary.json"), summary)
+
+
+def train_and_evaluate(cfg: JobConfig, task: Task, score: bool) -> dict[str, Any]:
+    started = time.perf_counter()
+    paths = _paths(cfg, task)
+    result = TaskResult(task=task, run_id=paths.run_id)
+    splits = ("train", "val", "test", "score") if score else ("train", "val", "test")
+    data = check_task_data(cfg, task, splits)  # every split checked before any training starts
+    model_uri = train_model(cfg, task, data, paths, result)
+    evaluate_model(cfg, task, data, model_uri, paths, result)
+    if score:
+        predict_scores(cfg, task, data, model_uri, paths, result)
+    summary = _task_summary(result, started)
+    _write_task_summary(paths, summary)
+    return summary
+
+
+def run_train(cfg: JobConfig) -> list[dict[str, Any]]:
+    ensure_ray(cfg)
+    return [train_and_evaluate(cfg, task, score=False) for task in cfg.tasks]
+
+
+def run_nightly(cfg: JobConfig) -> list[dict[str, Any]]:
+    ensure_ray(cfg)
+    return [train_and_evaluate(cfg, task, score=True) for task in cfg.tasks]
+
+
+def run_predict(cfg: JobConfig, model: str | None = None) -> list[dict[str, Any]]:
+    """Score each task's score split with ``model`` (default: the model trained for this run date)."""
+    ensure_ray(cfg)
+    summaries = []
+    for task in cfg.tasks:
+        started = time.perf_counter()
+        paths = _paths(cfg, task)
+        model_uri = model or paths.uri("model")
+        if model is None and not is_published(paths.fs, paths.path("model")):
+            raise DlbatchError(
+                f"{task}: no trained model at {model_uri}; run jobs/train.py first or pass --model"
+            )
+        data = check_task_data(cfg, task, ("score",))
+        result = TaskResult(task=task, run_id=paths.run_id)
+        predict_scores(cfg, task, data, model_uri, paths, result)
+        result.paths["model"] = model_uri
+        summaries.append(_task_summary(result, started))
+    return summaries
+
+
+def format_summary(summaries: list[dict[str, Any]]) -> str:
+    lines = []
+    for s in summaries:
+        acc = s.get("test_accuracy")
+        acc_text = f"test accuracy {acc:.2%}" if acc is not None else "no evaluation"
+        rows = ", ".join(
+            f"{k}: {v['used']}/{v['read']} used, {v['rejected']} rejected" for k, v in s["rows"].items()
+        )
+        lines.append(f"[{s['task']}] {acc_text} | {rows} | {s['durations_s']['total']:.0f}s")
+        for key in ("predictions", "model", "summary"):
+            if key in s["paths"]:
+                lines.append(f"  {key}: {s['paths'][key]}")
+    return "\n".join(lines)
+
+
+def main(
+    argv: list[str] | None,
+    run: Callable[..., list[dict[str, Any]]],
+    description: str,
+    with_model: bool = False,
+) -> int:
+    """CLI wrapper shared by the jobs: config + overrides in, one-line error and non-zero exit on failure."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", help="YAML config file (default: built-in defaults = the demo)")
+    parser.add_argument("--run-date", help="run date YYYY-MM-DD (default: today, UTC)")
+    if with_model:
+        parser.add_argument(
+            "--model", help="checkpoint directory or URI (default: this run date's trained model)"
+        )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. image.train.epochs=2"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        overrides = list(args.overrides) + ([f"run_date={args.run_date}"] if args.run_date else [])
+        cfg = load_config(args.config, overrides)
+        summaries = run(cfg, args.model) if with_model else run(cfg)
+    except DlbatchError as err:
+        print(f"dlbatch: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # Ray wraps worker errors; show the root cause in one line, details in the log
+        log.debug("failure", exc_info=True)
+        print(f"dlbatch: error: {_root_cause(err)}", file=sys.stderr)
+        return 1
+    print(format_summary(summaries))
+    return 0
+
+
+def _root_cause(err: BaseException) -> str:
+    seen = err
+    while seen.__cause__ is not None:
+        seen = seen.__cause__
+    text = str(seen).strip().splitlines()
+    return f"{type(seen).__name__}: {text[-1] if text else ''}"

@@ -1,0 +1,139 @@
+"""Run layout on local disk or object storage, and all-or-nothing publishing of outputs.
+
+Readers honour ``_SUCCESS``: a directory without it is incomplete (a killed run) and is replaced by the
+next run. On a local filesystem the finished directory is also moved into place with one rename.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+
+from dlbatch.data import resolve_path
+
+SUCCESS = "_SUCCESS"
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where one task's run for one date writes (``root`` is inside ``fs``; ``uri`` is what users see)."""
+
+    fs: pafs.FileSystem
+    root: str  # output_root inside fs
+    uri_root: str  # output_root as configured (for messages and Ray, which takes URIs)
+    task: str
+    run_date: str
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.task}-{self.run_date}"
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, "runs", self.run_date, self.task, *parts])
+
+    def uri(self, *parts: str) -> str:
+        return "/".join([self.uri_root.rstrip("/"), "runs", self.run_date, self.task, *parts])
+
+    @property
+    def storage_path(self) -> str:
+        return "/".join([self.uri_root.rstrip("/"), "ray_results"])
+
+
+def run_paths(output_root: str, task: str, run_date: str) -> RunPaths:
+    fs, root = resolve_path(output_root)
+    uri_root = output_root if "://" in output_root else root
+    return RunPaths(fs=fs, root=root.rstrip("/"), uri_root=uri_root, task=task, run_date=run_date)
+
+
+def is_published(fs: pafs.FileSystem, path: str) -> bool:
+    return fs.get_file_info(f"{path}/{SUCCESS}").type == pafs.FileType.File
+
+
+def mark_published(fs: pafs.FileSystem, path: str, info: dict[str, Any] | None = None) -> None:
+    with fs.open_output_stream(f"{path}/{SUCCESS}") as out:
+        out.write(json.dumps(info or {}, default=str).encode())
+
+
+def remove_if_exists(fs: pafs.FileSystem, path: str) -> None:
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path) if fs.get_file_info(path).type == pafs.FileType.Directory else fs.delete_file(
+            path
+        )
+
+
+def staging_dir(paths: RunPaths, name: str) -> str:
+    return paths.path("_staging", f"{name}-{uuid.uuid4().hex[:12]}")
+
+
+def _move_into_place(fs: pafs.FileSystem, src: str, dst: str) -> None:
+    remove_if_exists(fs, dst)
+    fs.create_dir(dst.rsplit("/", 1)[0], recursive=True)
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs.move(src, dst)  # one rename: readers see the old state or the whole new one
+    else:
+        pafs.copy_files(src, dst, source_filesystem=fs, destination_filesystem=fs)
+        fs.delete_dir(src)
+
+
+def publish_split(
+    fs: pafs.FileSystem,
+    staged: str,
+    dest: str,
+    rejects_dest: str,
+    keep_columns: list[str],
+    reject_columns: list[str],
+) -> tuple[int, int]:
+    """Split a staged Parquet directory into ``dest`` (rows without a reject reason, ``keep_columns``) and
+    ``rejects_dest`` (rows with one), stream-copying only these small output columns; then mark ``dest``
+    published. Returns (kept rows, rejected rows)."""
+    tmp = f"{staged}.publish"
+    if fs.get_file_info(staged).type == pafs.FileType.NotFound:
+        fs.create_dir(staged)
+    dataset = pads.dataset(staged, filesystem=fs, format="parquet")
+    ok = pc.field("reject_reason").is_null()
+    outputs = [(f"{tmp}/data", ok, keep_columns), (f"{tmp}/rejects", ~ok, reject_columns)]
+    counts = []
+    for out_dir, row_filter, columns in outputs:
+        fs.create_dir(out_dir)
+        scanner = dataset.scanner(columns=columns, filter=row_filter) if dataset.files else None
+        if scanner is not None:
+            pads.write_dataset(
+                scanner,
+                out_dir,
+                format="parquet",
+                filesystem=fs,
+                basename_template="part-{i}.parquet",
+                existing_data_behavior="overwrite_or_ignore",
+                max_rows_per_file=1_000_000,
+                max_rows_per_group=100_000,
+            )
+        counts.append(dataset.count_rows(filter=row_filter) if dataset.files else 0)
+    _move_into_place(fs, f"{tmp}/rejects", rejects_dest)
+    _move_into_place(fs, f"{tmp}/data", dest)
+    mark_published(fs, dest, {"rows": counts[0], "rejected": counts[1]})
+    remove_if_exists(fs, tmp)
+    remove_if_exists(fs, staged)
+    return counts[0], counts[1]
+
+
+def write_json(fs: pafs.FileSystem, path: str, payload: dict[str, Any]) -> None:
+    parent = path.rsplit("/", 1)[0]
+    fs.create_dir(parent, recursive=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with fs.open_output_stream(tmp) as out:
+        out.write(json.dumps(payload, indent=2, default=str).encode())
+    fs.move(tmp, path)
+
+
+def read_json(fs: pafs.FileSystem, path: str) -> dict[str, Any] | None:
+    try:
+        with fs.open_input_stream(path) as src:
+            return json.loads(src.read())
+    except FileNotFoundError:
+        return None

@@ -1,0 +1,133 @@
+"""Ray Train worker loop (DDP) and the trainer builder.
+
+Every epoch all ranks call ``ray.train.report`` once (it is a barrier); rank 0 attaches the checkpoint.
+A restarted worker group resumes from ``ray.train.get_checkpoint()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from dlbatch.checkpoint import load_training_state, save_checkpoint
+from dlbatch.models import build_model, forward_batch
+
+FEATURES = {"image": ["x", "y"], "text": ["tokens", "length", "y"]}
+
+
+def _autocast(device: torch.device):
+    # bf16 autocast on GPU only: on CPU it slows small convs/GRUs down.
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _batches(shard, kind: str, batch_size: int, device: torch.device):
+    dtypes = {"x": torch.float32, "y": torch.int64, "tokens": torch.int64, "length": torch.int64}
+    return shard.iter_torch_batches(
+        batch_size=batch_size,
+        dtypes={k: dtypes[k] for k in FEATURES[kind]},
+        device=device,
+        prefetch_batches=2,
+    )
+
+
+def train_epoch(model: nn.Module, optimizer, batches, kind: str, device: torch.device) -> tuple[float, int]:
+    """One pass over the shard. Returns (summed loss, samples)."""
+    model.train()
+    total_loss, seen = 0.0, 0
+    for batch in batches:
+        with _autocast(device):
+            logits = forward_batch(model, kind, batch)
+        loss = F.cross_entropy(logits.float(), batch["y"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        n = batch["y"].shape[0]
+        total_loss += loss.item() * n
+        seen += n
+    return total_loss, seen
+
+
+@torch.inference_mode()
+def eval_epoch(model: nn.Module, batches, kind: str, device: torch.device) -> tuple[float, int, int]:
+    """Returns (summed loss, correct, samples)."""
+    model.eval()
+    total_loss, correct, seen = 0.0, 0, 0
+    for batch in batches:
+        with _autocast(device):
+            logits = forward_batch(model, kind, batch).float()
+        total_loss += F.cross_entropy(logits, batch["y"], reduction="sum").item()
+        correct += (logits.argmax(1) == batch["y"]).sum().item()
+        seen += batch["y"].shape[0]
+    return total_loss, correct, seen
+
+
+def _all_reduce(values: list[float], device: torch.device) -> list[float]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def train_loop_per_worker(cfg: dict[str, Any]) -> None:
+    """Ray Train entry point. ``cfg`` is plain data: kind, model_args, train settings, checkpoint metadata."""
+    import ray.train
+    import ray.train.torch
+
+    kind, tcfg = cfg["kind"], cfg["train"]
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    torch.manual_seed(tcfg["seed"] + rank)
+    device = ray.train.torch.get_device()
+
+    model = build_model(kind, cfg["model_args"])
+    optimizer = torch.optim.Adam(model.parameters(), lr=tcfg["lr"])
+    start_epoch, history = 0, []
+    resume = ray.train.get_checkpoint()
+    if resume:
+        with resume.as_directory() as ckpt_dir:
+            meta = load_training_state(ckpt_dir, model, optimizer)
+        start_epoch, history = meta["epoch"] + 1, meta.get("history", [])
+    model = ray.train.torch.prepare_model(model)
+    raw_model = model.module if hasattr(model, "module") else model
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    for epoch in range(start_epoch, tcfg["epochs"]):
+        t0 = time.perf_counter()
+        loss_sum, seen = train_epoch(
+            model, optimizer, _batches(train_shard, kind, tcfg["batch_size"], device), kind, device
+        )
+        train_s = time.perf_counter() - t0
+        val_loss, correct, val_seen = eval_epoch(
+            model, _batches(val_shard, kind, tcfg["batch_size"], device), kind, device
+        )
+        loss_sum, seen, val_loss, correct, val_seen, sum_train_s = _all_reduce(
+            [loss_sum, seen, val_loss, correct, val_seen, train_s], device
+        )
+        metrics = {
+            "epoch": epoch,
+            "train_loss": loss_sum / max(seen, 1),
+            "val_loss": val_loss / max(val_seen, 1),
+            "val_accuracy": correct / max(val_seen, 1),
+            "samples_per_s": seen / max(sum_train_s / ctx.get_world_size(), 1e-9),
+            "epoch_s": time.perf_counter() - t0,
+            "resumed_from_epoch": start_epoch - 1 if start_epoch else None,
+        }
+        history.append(metrics)
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as tmp:
+                meta = {**cfg["meta"], "epoch": epoch, "metrics": metrics, "history": history}
+                save_checkpoint(tmp, raw_model, optimizer, meta)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics)

@@ -1,0 +1,8 @@
+"""Train and evaluate each configured task; publishes the best checkpoint under runs/<date>/<task>/model."""
+
+import sys
+
+from dlbatch.runner import main, run_train
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:], run_train, "Train and evaluate every configured task."))

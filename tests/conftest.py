@@ -1,0 +1,47 @@
+"""Shared fixtures: one real local Ray cluster for the whole session (a worker group takes ~25 s to start
+here, so tests share the cluster rather than each starting one)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    # More logical CPUs than cores on purpose: training workers hold CPUs for a whole fit and Ray Data
+    # still needs some (DESIGN.md pitfall 1). Loopback only.
+    ray.init(
+        num_cpus=6,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        logging_level="WARNING",
+        runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}},
+    )
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory):
+    """Small demo datasets shared by the integration tests."""
+    from dlbatch.demo import write_demo_data
+
+    root = tmp_path_factory.mktemp("demo-data")
+    return {task: write_demo_data(root, task, train_rows=1500, seed=0) for task in ("image", "text")}
+
+
+def config_for(tmp_path, task: str, demo_paths: dict, *overrides: str):
+    """A JobConfig for one task over the shared demo data, writing under tmp_path."""
+    from dlbatch.config import load_config
+
+    data = [f"{task}.data.{split}={path}" for split, path in demo_paths[task].items()]
+    return load_config(
+        None, [f"tasks=[{task}]", f"output_root={tmp_path}", "run_date=2026-11-25", *data, *overrides]
+    )
+
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "1")

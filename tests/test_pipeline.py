@@ -1,0 +1,58 @@
+"""End to end on a real local Ray cluster: train each model for 2 epochs on demo data, evaluate, predict."""
+
+import json
+
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+from conftest import config_for
+
+from dlbatch.runner import run_nightly, run_predict
+from dlbatch.store import SUCCESS
+
+
+def _rows(path) -> int:
+    return pads.dataset(path, format="parquet").count_rows()
+
+
+@pytest.mark.parametrize(("task", "chance", "min_acc"), [("image", 0.10, 0.60), ("text", 0.25, 0.60)])
+def test_nightly_trains_evaluates_and_predicts(ray_cluster, demo_root, tmp_path, task, chance, min_acc):
+    cfg = config_for(tmp_path, task, demo_root, f"{task}.train.epochs=2", f"{task}.train.batch_size=32")
+    [summary] = run_nightly(cfg)
+
+    assert summary["test_accuracy"] > min_acc > chance
+    score_rows = _rows(demo_root[task]["score"])
+    assert summary["rows"]["score"] == {"read": score_rows, "used": score_rows, "rejected": 0}
+    assert summary["rows"]["train"]["used"] == _rows(demo_root[task]["train"])
+    assert [h["epoch"] for h in summary["history"]] == [0, 1]
+    for h in summary["history"]:
+        assert {"train_loss", "val_loss", "val_accuracy", "samples_per_s"} <= h.keys()
+
+    run_dir = tmp_path / "runs" / "2026-11-25" / task
+    assert json.loads((run_dir / "summary.json").read_text())["test_accuracy"] == summary["test_accuracy"]
+    pred_dir = run_dir / "predictions"
+    assert (pred_dir / SUCCESS).exists()
+    preds = pads.dataset(pred_dir, format="parquet").to_table()
+    assert preds.num_rows == score_rows
+    inputs = pq.read_table(demo_root[task]["score"], columns=["id"])
+    assert sorted(preds["id"].to_pylist()) == sorted(inputs["id"].to_pylist())
+    assert {"pred_index", "pred_label", "confidence", "probs", "model_version", "run_date"} <= set(
+        preds.column_names
+    )
+    assert "reject_reason" not in preds.column_names
+    first = preds.slice(0, 1).to_pylist()[0]
+    assert abs(sum(first["probs"]) - 1) < 1e-4 and first["confidence"] == max(first["probs"])
+    assert first["run_date"] == "2026-11-25"
+
+    # The checkpoint carries what inference needs: weights, optimizer, label map, vocabulary, config.
+    meta = json.loads((run_dir / "model" / "meta.json").read_text())
+    assert {"model_args", "label_names", "config", "epoch"} <= meta.keys()
+    assert (run_dir / "model" / "optimizer.pt").exists()
+    if task == "text":
+        assert meta["label_names"] == ["business", "health", "science", "sports"]
+        assert 2 < len(meta["vocab"]) <= 9998
+
+    # A second scoring run for the same date is a no-op: still exactly one row per input.
+    [again] = run_predict(cfg)
+    assert _rows(pred_dir) == score_rows
+    assert "predict" not in again["durations_s"]
