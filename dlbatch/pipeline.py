@@ -20,7 +20,15 @@ from dlbatch.errors import DataError
 from dlbatch.models import model_args_for
 from dlbatch.predict import PRED_COLUMNS, predict_dataset, preprocess_spec
 from dlbatch.preprocess import preprocess_for_training
-from dlbatch.store import RunPaths, is_published, mark_published, publish_split, remove_if_exists, staging_dir
+from dlbatch.store import (
+    RunPaths,
+    is_published,
+    mark_published,
+    move_into_place,
+    publish_split,
+    remove_if_exists,
+    staging_dir,
+)
 from dlbatch.train import FEATURES, train_loop_per_worker
 
 log = logging.getLogger("dlbatch")
@@ -77,8 +85,8 @@ def data_paths(cfg: JobConfig, task: Task) -> dict[str, str | None]:
     return write_demo_data(f"{root}/demo-data", task, cfg.demo_rows, seed=0)
 
 
-def check_task_data(cfg: JobConfig, task: Task, splits: tuple[str, ...]) -> TaskData:
-    """Fail fast on bad datasets (footers only), then learn the label map and vocabulary from train."""
+def inspect_task(cfg: JobConfig, task: Task, splits: tuple[str, ...]) -> dict[str, SplitInfo]:
+    """Fail fast on bad datasets from Parquet footers alone (no Ray needed, nothing started yet)."""
     task_cfg = cfg.task(task).model_dump()
     paths = data_paths(cfg, task)
     infos: dict[str, SplitInfo] = {}
@@ -86,6 +94,12 @@ def check_task_data(cfg: JobConfig, task: Task, splits: tuple[str, ...]) -> Task
         if not paths.get(split):
             raise DataError(f"{task}.data.{split}: no path configured")
         infos[split] = inspect_split(split, paths[split], task_cfg, task, needs_label=split != "score")
+    return infos
+
+
+def learn_from_train(cfg: JobConfig, task: Task, infos: dict[str, SplitInfo]) -> TaskData:
+    """Label map and (text) vocabulary from the training split, with Ray Data; saved with every checkpoint."""
+    task_cfg = cfg.task(task).model_dump()
     meta: dict[str, Any] = {"kind": task, "config": task_cfg}
     if "train" in infos:
         meta["label_type"] = infos["train"].label_type
@@ -94,10 +108,13 @@ def check_task_data(cfg: JobConfig, task: Task, splits: tuple[str, ...]) -> Task
         if task == "text":
             vocab = build_vocab(infos["train"], task_cfg)
             meta["vocab"], meta["max_length"] = vocab, task_cfg["text"]["max_length"]
-        meta["model_args"] = model_args_for(
-            task, len(meta["label_names"]), task_cfg, len(vocab) + 2 if vocab else None
-        )
+        vocab_len = len(vocab) + 2 if vocab is not None else None
+        meta["model_args"] = model_args_for(task, len(meta["label_names"]), task_cfg, vocab_len)
     return TaskData(splits=infos, meta=meta)
+
+
+def check_task_data(cfg: JobConfig, task: Task, splits: tuple[str, ...]) -> TaskData:
+    return learn_from_train(cfg, task, inspect_task(cfg, task, splits))
 
 
 def _write_rejects(ds, paths: RunPaths, split: str, id_column: str) -> None:
@@ -107,12 +124,8 @@ def _write_rejects(ds, paths: RunPaths, split: str, id_column: str) -> None:
     ds.filter(expr=col("reject_reason").is_not_null()).select_columns(["id", *REJECT_COLUMNS]).rename_columns(
         {"id": id_column}
     ).write_parquet(staged, filesystem=paths.fs)
-    dest = paths.path("rejects", split)
-    remove_if_exists(paths.fs, dest)
-    paths.fs.create_dir(staged, recursive=True)
-    paths.fs.move(staged, dest) if isinstance(paths.fs, pafs.LocalFileSystem) else pafs.copy_files(
-        staged, dest, source_filesystem=paths.fs, destination_filesystem=paths.fs
-    )
+    paths.fs.create_dir(staged, recursive=True)  # no rejects written: publish an empty directory
+    move_into_place(paths.fs, staged, paths.path("rejects", split))
 
 
 def _check_reject_fraction(cfg: JobConfig, task: str, split: str, counts: Counts, rejects_uri: str) -> None:

@@ -16,7 +16,15 @@ from typing import Any
 from dlbatch.cluster import ensure_ray
 from dlbatch.config import JobConfig, Task, load_config
 from dlbatch.errors import DlbatchError
-from dlbatch.pipeline import TaskResult, check_task_data, evaluate_model, predict_scores, train_model
+from dlbatch.pipeline import (
+    TaskData,
+    TaskResult,
+    evaluate_model,
+    inspect_task,
+    learn_from_train,
+    predict_scores,
+    train_model,
+)
 from dlbatch.store import RunPaths, is_published, run_paths, write_json
 
 log = logging.getLogger("dlbatch")
@@ -44,46 +52,52 @@ def _write_task_summary(paths: RunPaths, summary: dict[str, Any]) -> None:
     write_json(paths.fs, paths.path("summary.json"), summary)
 
 
-def train_and_evaluate(cfg: JobConfig, task: Task, score: bool) -> dict[str, Any]:
+def train_and_evaluate(cfg: JobConfig, task: Task, infos: dict) -> dict[str, Any]:
     started = time.perf_counter()
     paths = _paths(cfg, task)
     result = TaskResult(task=task, run_id=paths.run_id)
-    splits = ("train", "val", "test", "score") if score else ("train", "val", "test")
-    data = check_task_data(cfg, task, splits)  # every split checked before any training starts
+    data = learn_from_train(cfg, task, infos)
     model_uri = train_model(cfg, task, data, paths, result)
     evaluate_model(cfg, task, data, model_uri, paths, result)
-    if score:
+    if "score" in infos:
         predict_scores(cfg, task, data, model_uri, paths, result)
     summary = _task_summary(result, started)
     _write_task_summary(paths, summary)
     return summary
 
 
-def run_train(cfg: JobConfig) -> list[dict[str, Any]]:
+def _train_tasks(cfg: JobConfig, splits: tuple[str, ...]) -> list[dict[str, Any]]:
+    # Every split of every task is checked before Ray starts or any training runs.
+    infos = {task: inspect_task(cfg, task, splits) for task in cfg.tasks}
     ensure_ray(cfg)
-    return [train_and_evaluate(cfg, task, score=False) for task in cfg.tasks]
+    return [train_and_evaluate(cfg, task, infos[task]) for task in cfg.tasks]
+
+
+def run_train(cfg: JobConfig) -> list[dict[str, Any]]:
+    return _train_tasks(cfg, ("train", "val", "test"))
 
 
 def run_nightly(cfg: JobConfig) -> list[dict[str, Any]]:
-    ensure_ray(cfg)
-    return [train_and_evaluate(cfg, task, score=True) for task in cfg.tasks]
+    return _train_tasks(cfg, ("train", "val", "test", "score"))
 
 
 def run_predict(cfg: JobConfig, model: str | None = None) -> list[dict[str, Any]]:
     """Score each task's score split with ``model`` (default: the model trained for this run date)."""
+    infos = {task: inspect_task(cfg, task, ("score",)) for task in cfg.tasks}
+    for task in cfg.tasks:
+        paths = _paths(cfg, task)
+        if model is None and not is_published(paths.fs, paths.path("model")):
+            raise DlbatchError(
+                f"{task}: no trained model at {paths.uri('model')}; run jobs/train.py first or pass --model"
+            )
     ensure_ray(cfg)
     summaries = []
     for task in cfg.tasks:
         started = time.perf_counter()
         paths = _paths(cfg, task)
         model_uri = model or paths.uri("model")
-        if model is None and not is_published(paths.fs, paths.path("model")):
-            raise DlbatchError(
-                f"{task}: no trained model at {model_uri}; run jobs/train.py first or pass --model"
-            )
-        data = check_task_data(cfg, task, ("score",))
         result = TaskResult(task=task, run_id=paths.run_id)
-        predict_scores(cfg, task, data, model_uri, paths, result)
+        predict_scores(cfg, task, TaskData(splits=infos[task], meta={}), model_uri, paths, result)
         result.paths["model"] = model_uri
         summaries.append(_task_summary(result, started))
     return summaries
@@ -134,6 +148,10 @@ def main(
         log.debug("failure", exc_info=True)
         print(f"dlbatch: error: {_root_cause(err)}", file=sys.stderr)
         return 1
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()  # flush and stop Ray's log streaming so the summary is the last thing printed
     print(format_summary(summaries))
     return 0
 

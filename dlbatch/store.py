@@ -71,7 +71,7 @@ def staging_dir(paths: RunPaths, name: str) -> str:
     return paths.path("_staging", f"{name}-{uuid.uuid4().hex[:12]}")
 
 
-def _move_into_place(fs: pafs.FileSystem, src: str, dst: str) -> None:
+def move_into_place(fs: pafs.FileSystem, src: str, dst: str) -> None:
     remove_if_exists(fs, dst)
     fs.create_dir(dst.rsplit("/", 1)[0], recursive=True)
     if isinstance(fs, pafs.LocalFileSystem):
@@ -114,8 +114,8 @@ def publish_split(
                 max_rows_per_group=100_000,
             )
         counts.append(dataset.count_rows(filter=row_filter) if dataset.files else 0)
-    _move_into_place(fs, f"{tmp}/rejects", rejects_dest)
-    _move_into_place(fs, f"{tmp}/data", dest)
+    move_into_place(fs, f"{tmp}/rejects", rejects_dest)
+    move_into_place(fs, f"{tmp}/data", dest)
     mark_published(fs, dest, {"rows": counts[0], "rejected": counts[1]})
     remove_if_exists(fs, tmp)
     remove_if_exists(fs, staged)

@@ -26,24 +26,30 @@ def _free_port() -> int:
 def ray_head():
     """A separate Ray head (its own GCS and dashboard ports) stopped with its own process group."""
     ray_bin = shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray"
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash, agent, agent_grpc, metrics, runtime_env = (_free_port() for _ in range(6))
     temp_dir = tempfile.mkdtemp(prefix="rayh-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
     head = subprocess.Popen(
         [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=6", "--include-dashboard=true",
-         f"--temp-dir={temp_dir}"],
+         f"--temp-dir={temp_dir}",
+         # Own agent ports: the test session's local Ray already holds the defaults on this host.
+         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+         f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     address = f"http://127.0.0.1:{dash}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", dash)) == 0:
-                break
+    # Ready = the job server answers (the dashboard port opens before the job agent registers).
+    deadline = time.time() + 120
+    while True:
         if head.poll() is not None:
             pytest.fail(f"ray start exited: {head.stdout.read().decode()[-2000:]}")
-        time.sleep(1)
+        probe = subprocess.run([ray_bin, "job", "list", f"--address={address}"], env=env, capture_output=True)
+        if probe.returncode == 0:
+            break
+        if time.time() > deadline:
+            pytest.fail(f"job server not ready: {probe.stderr.decode()[-1000:]}")
+        time.sleep(2)
     yield ray_bin, address, env
     os.killpg(head.pid, signal.SIGTERM)
     try:

@@ -1,0 +1,171 @@
+"""Real-world inputs end to end: hive partitions, plain PNG bytes, no id column, bad rows in every split.
+
+Bad rows never crash a run and are never dropped silently: every row read is either used or rejected with
+a reason, and predictions join back to the inputs.
+"""
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from dlbatch.config import load_config
+from dlbatch.demo import make_image_table, make_text_table
+from dlbatch.errors import DataError
+from dlbatch.runner import run_nightly, run_train
+
+REPO = Path(__file__).parents[1]
+GARBAGE = b"\x89PNG\r\n garbage"
+
+
+def _jpeg_rgb(h: int = 40, w: int = 33) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((h, w, 3), 200, np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+RGB_JPEG = _jpeg_rgb()
+
+
+def _image_split(
+    root: Path, split: str, n: int, seed: int, bad_rows: dict[int, tuple], with_labels=True
+) -> Path:
+    """Hive layout dt=.../part-0.parquet; image as plain binary in column 'img'; no id column."""
+    table = make_image_table(n, seed=seed, with_labels=with_labels)
+    images = pc.struct_field(table["image"], "bytes").to_pylist()
+    labels = table["label"].to_pylist() if with_labels else None
+    for i, (image, label) in bad_rows.items():  # ... keeps the generated value
+        if image is not ...:
+            images[i] = image
+        if with_labels and label is not ...:
+            labels[i] = label
+    cols = {"img": pa.array(images, pa.binary())}
+    if with_labels:
+        cols["digit"] = pa.array(labels, pa.int64())
+    for day, part in (("2026-11-24", slice(0, 5)), ("2026-11-25", slice(0, n))):
+        out = root / split / f"dt={day}"
+        out.mkdir(parents=True)
+        pq.write_table(pa.table(cols).slice(part.start, part.stop - part.start), out / "part-0.parquet")
+    return root / split
+
+
+def test_dirty_image_data_is_routed_to_rejects_and_conserved(ray_cluster, tmp_path):
+    src = tmp_path / "data"
+    garbage = GARBAGE
+    splits = {
+        "train": _image_split(
+            src, "train", 900, 1, {0: (garbage, ...), 1: (None, ...), 2: (..., None), 3: (RGB_JPEG, ...)}
+        ),
+        "val": _image_split(src, "val", 150, 2, {5: (None, ...)}),
+        "test": _image_split(src, "test", 150, 3, {0: (garbage, ...), 9: (..., 11)}),
+        "score": _image_split(src, "score", 300, 4, {4: (garbage, ...), 8: (None, ...)}, with_labels=False),
+    }
+    overrides = [f"image.data.{s}={p}" for s, p in splits.items()] + [
+        "tasks=[image]", f"output_root={tmp_path / 'out'}", "run_date=2026-11-25",
+        "image.data.partition={dt: '2026-11-25'}", "image.data.label_column=digit", "image.data.num_classes=10",
+        "image.image.column=img", "image.train.epochs=1", "image.train.num_workers=1",
+    ]  # fmt: skip
+    [summary] = run_nightly(load_config(None, overrides))
+
+    rows = summary["rows"]
+    for split, counts in rows.items():
+        assert counts["read"] == counts["used"] + counts["rejected"], split
+    assert rows["train"] == {
+        "read": 900,
+        "used": 897,
+        "rejected": 3,
+    }  # the RGB JPEG is converted, not rejected
+    assert rows["val"] == {"read": 150, "used": 149, "rejected": 1}
+    assert rows["test"] == {"read": 150, "used": 148, "rejected": 2}
+    assert rows["score"] == {"read": 300, "used": 298, "rejected": 2}
+
+    run_dir = tmp_path / "out" / "runs" / "2026-11-25" / "image"
+    reasons = sorted(pads.dataset(run_dir / "rejects" / "train").to_table()["reject_reason"].to_pylist())
+    assert "null image" in reasons and "null label" in reasons
+    assert any(r.startswith("undecodable image") for r in reasons)
+    test_reasons = pads.dataset(run_dir / "rejects" / "test").to_table()["reject_reason"].to_pylist()
+    assert sorted(test_reasons)[1] == "unknown label 11" and sorted(test_reasons)[0].startswith("undecodable")
+    score_rejects = pads.dataset(run_dir / "rejects" / "score").to_table()
+    assert set(score_rejects.column_names) == {"id", "source", "reject_reason"}
+    assert all(s.endswith("dt=2026-11-25/part-0.parquet") for s in score_rejects["source"].to_pylist())
+
+    # No id column: ids are Ray Data's row hash, so predictions + rejects join back to the input rows exactly.
+    import ray.data
+
+    inputs = ray.data.read_parquet(str(splits["score"] / "dt=2026-11-25"), include_row_hash=True).to_pandas()
+    preds = pads.dataset(run_dir / "predictions").to_table().to_pandas()
+    out_ids = list(preds["id"]) + score_rejects["id"].to_pylist()
+    assert len(out_ids) == len(set(out_ids)) == len(inputs)
+    assert set(out_ids) == set(inputs["row_hash"])
+
+
+def test_too_many_rejects_fail_the_run_after_writing_them(ray_cluster, tmp_path):
+    table = make_text_table(200, seed=5)
+    texts = table["text"].to_pylist()
+    for i in range(0, 200, 5):  # 20% empty documents
+        texts[i] = "  ...  "
+    table = table.set_column(table.schema.get_field_index("text"), "text", pa.array(texts))
+    paths = {}
+    for split in ("train", "val", "test"):
+        (tmp_path / split).mkdir()
+        pq.write_table(table, tmp_path / split / "part-0.parquet")
+        paths[split] = tmp_path / split
+    cfg = load_config(
+        None,
+        [f"text.data.{s}={p}" for s, p in paths.items()]
+        + [
+            "tasks=[text]",
+            f"output_root={tmp_path / 'out'}",
+            "run_date=2026-11-25",
+            "max_reject_fraction=0.1",
+        ],
+    )
+    with pytest.raises(DataError) as err:
+        run_train(cfg)
+    assert "text/train: 40 of 200 rows rejected (20.0%), above max_reject_fraction 10.0%" in str(err.value)
+    rejects = pads.dataset(tmp_path / "out" / "runs" / "2026-11-25" / "text" / "rejects" / "train").to_table()
+    assert rejects.num_rows == 40
+    assert set(rejects["reject_reason"].to_pylist()) == {"empty text"}
+    assert sorted(rejects["id"].to_pylist()) == [f"doc-{i:07d}" for i in range(0, 200, 5)]
+
+
+def test_job_reports_a_bad_dataset_in_one_line_before_starting_ray(tmp_path):
+    bad = tmp_path / "train.parquet"
+    bad.write_bytes(b"PAR1 this is not really parquet")
+    done = subprocess.run(
+        [sys.executable, "jobs/train.py", "tasks=[text]", f"text.data.train={bad}", f"text.data.val={bad}",
+         f"text.data.test={bad}", f"output_root={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2
+    err_lines = [line for line in done.stderr.splitlines() if line.strip() and " INFO " not in line]
+    assert err_lines == [
+        f"dlbatch: error: {bad}: not a readable Parquet file ({err_lines[0].split('(', 1)[1]}"
+    ]
+    assert "Traceback" not in done.stderr
+
+
+def test_train_labels_outside_the_configured_classes_fail_fast(ray_cluster, tmp_path):
+    from dlbatch.pipeline import check_task_data
+
+    table = make_image_table(20, seed=1)
+    table = table.set_column(2, "label", pa.array([0] * 19 + [12], pa.int64()))
+    for split in ("train", "val", "test"):
+        (tmp_path / split).mkdir()
+        pq.write_table(table, tmp_path / split / "p.parquet")
+    cfg = load_config(
+        None,
+        [f"image.data.{s}={tmp_path / s}" for s in ("train", "val", "test")] + ["image.data.num_classes=10"],
+    )
+    with pytest.raises(
+        DataError, match=r"train: column 'label' has labels in 0\.\.12, outside the configured 10 classes"
+    ):
+        check_task_data(cfg, "image", ("train", "val", "test"))
