@@ -113,6 +113,9 @@ class JobConfig(_Frozen):
     run_date: dt.date | None = None  # None: today (UTC)
     demo_rows: int = Field(default=6000, ge=100)  # training rows per demo task when data paths are empty
     max_reject_fraction: float = Field(default=0.05, ge=0, le=1)
+    # A run date's published work (model, predictions, finished nightly run) is not redone unless forced;
+    # force deletes that run's outputs and Ray Train checkpoints first.
+    force: bool = False
     image: ImageTaskConfig = ImageTaskConfig()
     text: TextTaskConfig = TextTaskConfig()
     cluster: ClusterConfig = ClusterConfig()

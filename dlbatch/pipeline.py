@@ -5,6 +5,7 @@ Each stage is a function with explicit arguments, so jobs stay thin and tests ca
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -175,6 +176,15 @@ def train_model(cfg: JobConfig, task: Task, data: TaskData, paths: RunPaths, res
     from ray.train.torch import TorchTrainer
 
     tcfg = cfg.task(task).train
+    model_dir = paths.path("model")
+    if is_published(paths.fs, model_dir):
+        log.info(
+            "%s: model for %s already trained at %s; not retrained", task, paths.run_date, paths.uri("model")
+        )
+        with paths.fs.open_input_stream(f"{model_dir}/meta.json") as src:
+            result.history = json.loads(src.read()).get("history", [])
+        result.paths["model"] = paths.uri("model")
+        return paths.uri("model")
     t0 = time.perf_counter()
     datasets = {s: prepare_training_split(cfg, task, data, s, paths, result) for s in ("train", "val")}
     result.durations_s["preprocess"] = time.perf_counter() - t0
@@ -208,10 +218,10 @@ def train_model(cfg: JobConfig, task: Task, data: TaskData, paths: RunPaths, res
     best = fit.get_best_checkpoint(metric="val_accuracy", mode="max") or fit.checkpoint
     if best is None:
         raise RuntimeError(f"{task}: training finished without a checkpoint")
-    model_dir = paths.path("model")
-    remove_if_exists(paths.fs, model_dir)
-    paths.fs.create_dir(model_dir, recursive=True)
-    pafs.copy_files(best.path, model_dir, source_filesystem=best.filesystem, destination_filesystem=paths.fs)
+    staged = staging_dir(paths, "model")
+    paths.fs.create_dir(staged, recursive=True)
+    pafs.copy_files(best.path, staged, source_filesystem=best.filesystem, destination_filesystem=paths.fs)
+    move_into_place(paths.fs, staged, model_dir)
     with best.as_directory() as ckpt_dir:
         from dlbatch.checkpoint import load_meta
 
@@ -284,11 +294,12 @@ def predict_scores(
 ) -> str:
     """Score the score split; publish predictions and rejects all-or-nothing. Idempotent per run."""
     pred_dir = paths.path("predictions")
-    if is_published(paths.fs, pred_dir):
+    if not cfg.force and is_published(paths.fs, pred_dir):
         log.info("%s: predictions already published at %s; not redone", task, paths.uri("predictions"))
         result.paths["predictions"] = paths.uri("predictions")
         return paths.uri("predictions")
     t0 = time.perf_counter()
+    remove_if_exists(paths.fs, paths.path("_staging"))  # leftovers of a killed attempt; one writer per run
     info = data.splits["score"]
     task_cfg = cfg.task(task).model_dump()
     id_column = task_cfg["data"]["id_column"]

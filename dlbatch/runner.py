@@ -15,6 +15,7 @@ from typing import Any
 
 from dlbatch.cluster import ensure_ray
 from dlbatch.config import JobConfig, Task, load_config
+from dlbatch.data import resolve_path
 from dlbatch.errors import DlbatchError
 from dlbatch.pipeline import (
     TaskData,
@@ -25,7 +26,15 @@ from dlbatch.pipeline import (
     predict_scores,
     train_model,
 )
-from dlbatch.store import RunPaths, is_published, run_paths, write_json
+from dlbatch.store import (
+    RunPaths,
+    is_published,
+    mark_published,
+    read_json,
+    remove_if_exists,
+    run_paths,
+    write_json,
+)
 
 log = logging.getLogger("dlbatch")
 
@@ -52,9 +61,21 @@ def _write_task_summary(paths: RunPaths, summary: dict[str, Any]) -> None:
     write_json(paths.fs, paths.path("summary.json"), summary)
 
 
+def _forget_run(paths: RunPaths) -> None:
+    """``force``: delete this run date's outputs and Ray Train checkpoints so everything is redone."""
+    fs, root = resolve_path(paths.storage_path)
+    remove_if_exists(fs, f"{root}/{paths.run_id}")
+    remove_if_exists(paths.fs, paths.path())
+
+
 def train_and_evaluate(cfg: JobConfig, task: Task, infos: dict) -> dict[str, Any]:
     started = time.perf_counter()
     paths = _paths(cfg, task)
+    if cfg.force:
+        _forget_run(paths)
+    elif "score" in infos and is_published(paths.fs, paths.path()):
+        log.info("%s: run %s already finished; not redone (force=true to redo)", task, paths.run_id)
+        return {**read_json(paths.fs, paths.path("summary.json")), "skipped": True}
     result = TaskResult(task=task, run_id=paths.run_id)
     data = learn_from_train(cfg, task, infos)
     model_uri = train_model(cfg, task, data, paths, result)
@@ -63,6 +84,8 @@ def train_and_evaluate(cfg: JobConfig, task: Task, infos: dict) -> dict[str, Any
         predict_scores(cfg, task, data, model_uri, paths, result)
     summary = _task_summary(result, started)
     _write_task_summary(paths, summary)
+    if "score" in infos:
+        mark_published(paths.fs, paths.path(), {"run_id": paths.run_id})  # the whole nightly run is done
     return summary
 
 

@@ -1,0 +1,149 @@
+"""Faults injected for real: worker and actor processes killed with SIGKILL, a job killed mid-write."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+from conftest import config_for
+
+from dlbatch.demo import make_text_table
+from dlbatch.runner import run_predict, run_train
+from dlbatch.store import SUCCESS
+
+REPO = Path(__file__).parents[1]
+RUN_DATE = "2026-11-25"
+
+
+def _kill_actor_when(class_name: str, ready, state: dict, timeout: float = 240) -> threading.Thread:
+    """SIGKILL one live actor of ``class_name`` once ``ready()`` is true; records what it killed."""
+    from ray.util.state import list_actors
+
+    def run():
+        deadline = time.time() + timeout
+        while time.time() < deadline and "killed_pid" not in state:
+            if ready():
+                actors = list_actors(filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")])
+                if actors and actors[0].pid:
+                    os.kill(actors[0].pid, signal.SIGKILL)
+                    state["killed_pid"], state["killed_at"] = actors[0].pid, time.time()
+                    return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.fixture(scope="module")
+def trained_text(ray_cluster, demo_root, tmp_path_factory):
+    """A text model trained while one training worker is killed after the first checkpoint."""
+    out = tmp_path_factory.mktemp("faults")
+    cfg = config_for(
+        out, "text", demo_root, "text.train.epochs=6", "text.train.batch_size=32", "text.train.max_failures=2"
+    )
+    storage = out / "ray_results" / f"text-{RUN_DATE}"
+    state: dict = {}
+    # Kill once a second checkpoint's files exist: report() is a barrier, so by then the first one is
+    # registered with the controller (files of a checkpoint still being reported may not be).
+    killer = _kill_actor_when(
+        "RayTrainWorker", lambda: len(list(storage.glob("checkpoint_*/meta.json"))) >= 2, state
+    )
+    started = time.time()
+    [summary] = run_train(cfg)
+    killer.join(timeout=1)
+    return cfg, out, summary, state, time.time() - started
+
+
+def test_worker_killed_mid_training_resumes_from_checkpoint(trained_text):
+    cfg, out, summary, state, seconds = trained_text
+    assert "killed_pid" in state, "the worker was never killed: the test did not test anything"
+    history = summary["history"]
+    assert [h["epoch"] for h in history] == list(range(6))  # finished all configured epochs, no repeats
+    resumed = [h["resumed_from_epoch"] for h in history if h["resumed_from_epoch"] is not None]
+    assert resumed and resumed[0] >= 0  # a restarted worker group continued from a checkpoint, not epoch 0
+    assert summary["test_accuracy"] > 0.5
+    print(f"worker kill: resumed after epoch {resumed[0]}, whole run {seconds:.0f}s")
+
+
+def test_rerun_of_finished_training_does_not_retrain(trained_text):
+    cfg, out, summary, _, _ = trained_text
+    started = time.time()
+    [again] = run_train(cfg)
+    assert "train" not in again["durations_s"]
+    assert again["history"] == summary["history"]
+    assert time.time() - started < 60
+
+
+def _big_score_split(root: Path, rows: int) -> Path:
+    score = root / "score-big"
+    score.mkdir()
+    table = make_text_table(rows, seed=9, with_labels=False)
+    for i in range(8):
+        part = table.slice(i * rows // 8, rows // 8)
+        pq.write_table(part, score / f"part-{i}.parquet")
+    return score
+
+
+def test_prediction_job_killed_midway_leaves_nothing_visible_then_rerun_is_exact(trained_text, tmp_path):
+    cfg, out, _, _, _ = trained_text
+    score = _big_score_split(tmp_path, 40_000)
+    run_dir = out / "runs" / RUN_DATE / "text"
+    args = ["tasks=[text]", f"output_root={out}", f"text.data.score={score}", "text.predict.batch_size=256"]
+    job = subprocess.Popen(
+        [sys.executable, "jobs/predict.py", f"--run-date={RUN_DATE}", *args],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.time() + 240
+    while not list((run_dir / "_staging").glob("predictions-*/*.parquet")):
+        assert job.poll() is None, "the job ended before it was killed"
+        assert time.time() < deadline
+        time.sleep(0.1)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+
+    # Killed mid-write: readers see no predictions at all (no directory, no _SUCCESS).
+    assert not (run_dir / "predictions").exists()
+    assert list((run_dir / "_staging").iterdir())  # the partial output exists, but only in staging
+
+    from dlbatch.config import load_config
+
+    [summary] = run_predict(load_config(None, [f"run_date={RUN_DATE}", *args]))
+    assert summary["rows"]["score"] == {"read": 40_000, "used": 40_000, "rejected": 0}
+    ids = pads.dataset(run_dir / "predictions", format="parquet").to_table(columns=["id"])["id"].to_pylist()
+    assert len(ids) == len(set(ids)) == 40_000
+    assert json.loads((run_dir / "predictions" / SUCCESS).read_text())["rows"] == 40_000
+    assert not (run_dir / "_staging").exists() or not list((run_dir / "_staging").iterdir())
+
+
+def test_inference_actor_killed_output_is_still_exact(trained_text, tmp_path):
+    cfg, out, _, _, _ = trained_text
+    score = _big_score_split(tmp_path, 40_000)
+    from dlbatch.config import load_config
+
+    overrides = [f"run_date={RUN_DATE}", "tasks=[text]", f"output_root={out}", f"text.data.score={score}",
+                 "text.predict.batch_size=128", "force=true"]  # fmt: skip
+    state: dict = {}
+    staging = out / "runs" / RUN_DATE / "text" / "_staging"
+    killer = _kill_actor_when(
+        "MapWorker(MapBatches(Predictor))", lambda: any(staging.glob("predictions-*/*.parquet")), state
+    )
+    [summary] = run_predict(load_config(None, overrides))
+    killer.join(timeout=1)
+    assert "killed_pid" in state, "no inference actor was killed: the test did not test anything"
+    assert summary["rows"]["score"] == {"read": 40_000, "used": 40_000, "rejected": 0}
+    ids = (
+        pads.dataset(out / "runs" / RUN_DATE / "text" / "predictions")
+        .to_table(columns=["id"])["id"]
+        .to_pylist()
+    )
+    assert len(ids) == len(set(ids)) == 40_000
