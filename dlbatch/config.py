@@ -72,7 +72,10 @@ class TrainConfig(_Frozen):
     num_workers: int = Field(default=2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(default=1.0, gt=0)
-    max_failures: int = Field(default=0, ge=-1)
+    # Worker restarts allowed after a worker or node dies (-1: unlimited); the run resumes from its last checkpoint.
+    max_failures: int = Field(default=2, ge=-1)
+    # PACK keeps workers together; SPREAD / STRICT_SPREAD put them on different nodes.
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     seed: int = 0
 
 

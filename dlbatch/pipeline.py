@@ -202,6 +202,7 @@ def train_model(cfg: JobConfig, task: Task, data: TaskData, paths: RunPaths, res
             num_workers=tcfg.num_workers,
             use_gpu=tcfg.use_gpu,
             resources_per_worker={"CPU": tcfg.cpus_per_worker, **({"GPU": 1} if tcfg.use_gpu else {})},
+            placement_strategy=tcfg.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=paths.run_id,

@@ -1,0 +1,29 @@
+"""Multi-node on one machine: workers on different nodes, shared storage_path, a worker node removed."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).parents[1]
+
+
+@pytest.mark.slow
+def test_node_removed_mid_training_still_finishes(demo_root, tmp_path):
+    paths = demo_root["text"]
+    done = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "multinode_run.py"), str(tmp_path), paths["train"], paths["val"], paths["test"]],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )  # fmt: skip
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, (done.stdout + done.stderr)[-4000:]
+    result = json.loads(lines[0].removeprefix("RESULT "))
+    assert len(result["worker_nodes"]) == 2  # STRICT_SPREAD: the two workers were on two nodes
+    assert result.get("removed_node") in result["worker_nodes"]
+    history = result["summary"]["history"]
+    assert [h["epoch"] for h in history] == list(range(10))
+    assert any(h["resumed_from_epoch"] is not None for h in history)
+    assert result["summary"]["test_accuracy"] > 0.5
+    print(f"node removal: whole run {result['seconds']:.0f}s")
