@@ -5,7 +5,6 @@ Each stage is a function with explicit arguments, so jobs stay thin and tests ca
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -22,11 +21,13 @@ from dlbatch.models import model_args_for
 from dlbatch.predict import PRED_COLUMNS, predict_dataset, preprocess_spec
 from dlbatch.preprocess import preprocess_for_training
 from dlbatch.store import (
+    SUCCESS,
     RunPaths,
     is_published,
     mark_published,
     move_into_place,
     publish_split,
+    read_json,
     remove_if_exists,
     staging_dir,
 )
@@ -181,8 +182,7 @@ def train_model(cfg: JobConfig, task: Task, data: TaskData, paths: RunPaths, res
         log.info(
             "%s: model for %s already trained at %s; not retrained", task, paths.run_date, paths.uri("model")
         )
-        with paths.fs.open_input_stream(f"{model_dir}/meta.json") as src:
-            result.history = json.loads(src.read()).get("history", [])
+        result.history = (read_json(paths.fs, f"{model_dir}/{SUCCESS}") or {}).get("history", [])
         result.paths["model"] = paths.uri("model")
         return paths.uri("model")
     t0 = time.perf_counter()
@@ -229,7 +229,12 @@ def train_model(cfg: JobConfig, task: Task, data: TaskData, paths: RunPaths, res
         history = load_meta(ckpt_dir).get("history", [])
     final = fit.metrics or (history[-1] if history else {})
     result.history = _latest_history(fit, history)
-    mark_published(paths.fs, model_dir, {"best_epoch": history[-1]["epoch"] if history else None})
+    # The marker carries the whole run's per-epoch history (the best checkpoint's own stops at its epoch).
+    mark_published(
+        paths.fs,
+        model_dir,
+        {"best_epoch": history[-1]["epoch"] if history else None, "history": result.history},
+    )
     result.metrics.update(
         {
             "best_val_accuracy": max(h["val_accuracy"] for h in result.history),
@@ -251,6 +256,22 @@ def _latest_history(fit, best_history: list[dict[str, Any]]) -> list[dict[str, A
         return load_meta(ckpt_dir).get("history", best_history)
 
 
+def _predict_test(task: Task, data: TaskData, model_uri: str, paths: RunPaths):
+    info = data.splits["test"]
+    task_cfg = data.meta["config"]
+    run_info = {"model_version": paths.run_id, "run_date": paths.run_date}
+    reader = read_split(info, columns=split_columns(info, task_cfg, task, with_label=True))
+    preds = predict_dataset(reader, model_uri, task_cfg, run_info, with_labels=True).materialize()
+    table = preds.select_columns(["label_index", "pred_index", "reject_reason"]).to_pandas()
+    return preds, table, table["reject_reason"].isna()
+
+
+def accuracy_on_test(task: Task, data: TaskData, model_uri: str, paths: RunPaths) -> float:
+    """Accuracy of any model (e.g. the champion) on this run's test split; no outputs written."""
+    _, table, ok = _predict_test(task, data, model_uri, paths)
+    return float((table.loc[ok, "label_index"] == table.loc[ok, "pred_index"]).mean())
+
+
 def evaluate_model(
     cfg: JobConfig, task: Task, data: TaskData, model_uri: str, paths: RunPaths, result: TaskResult
 ) -> dict[str, Any]:
@@ -258,16 +279,7 @@ def evaluate_model(
     t0 = time.perf_counter()
     info = data.splits["test"]
     task_cfg = data.meta["config"]
-    run_info = {"model_version": paths.run_id, "run_date": paths.run_date}
-    preds = predict_dataset(
-        read_split(info, columns=split_columns(info, task_cfg, task, with_label=True)),
-        model_uri,
-        task_cfg,
-        run_info,
-        with_labels=True,
-    ).materialize()
-    table = preds.select_columns(["label_index", "pred_index", "reject_reason"]).to_pandas()
-    ok = table["reject_reason"].isna()
+    preds, table, ok = _predict_test(task, data, model_uri, paths)
     counts = Counts(read=info.num_rows, used=int(ok.sum()), rejected=int((~ok).sum()))
     if counts.rejected:
         _write_rejects(preds, paths, "test", task_cfg["data"]["id_column"])
@@ -291,7 +303,13 @@ def evaluate_model(
 
 
 def predict_scores(
-    cfg: JobConfig, task: Task, data: TaskData, model_uri: str, paths: RunPaths, result: TaskResult
+    cfg: JobConfig,
+    task: Task,
+    data: TaskData,
+    model_uri: str,
+    paths: RunPaths,
+    result: TaskResult,
+    model_version: str | None = None,
 ) -> str:
     """Score the score split; publish predictions and rejects all-or-nothing. Idempotent per run."""
     pred_dir = paths.path("predictions")
@@ -304,7 +322,7 @@ def predict_scores(
     info = data.splits["score"]
     task_cfg = cfg.task(task).model_dump()
     id_column = task_cfg["data"]["id_column"]
-    run_info = {"model_version": paths.run_id, "run_date": paths.run_date}
+    run_info = {"model_version": model_version or paths.run_id, "run_date": paths.run_date}
     staged = staging_dir(paths, "predictions")
     predict_dataset(
         read_split(info, columns=split_columns(info, task_cfg, task, with_label=False)),

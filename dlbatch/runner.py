@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from dlbatch.cluster import ensure_ray
@@ -20,12 +21,14 @@ from dlbatch.errors import DlbatchError
 from dlbatch.pipeline import (
     TaskData,
     TaskResult,
+    accuracy_on_test,
     evaluate_model,
     inspect_task,
     learn_from_train,
     predict_scores,
     train_model,
 )
+from dlbatch.registry import ModelStore
 from dlbatch.store import (
     RunPaths,
     is_published,
@@ -43,10 +46,39 @@ def _paths(cfg: JobConfig, task: Task) -> RunPaths:
     return run_paths(cfg.output_root, task, cfg.effective_run_date().isoformat())
 
 
-def _task_summary(result: TaskResult, started: float) -> dict[str, Any]:
+def _versions() -> dict[str, str | None]:
+    import importlib.metadata
+    import subprocess
+
+    import ray
+    import torch
+
+    try:
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                cwd=Path(__file__).parent,
+            ).stdout.strip()
+            or None
+        )
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    try:
+        version = importlib.metadata.version("dlbatch")
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    return {"dlbatch": version, "ray": ray.__version__, "torch": torch.__version__, "git_commit": commit}
+
+
+def _task_summary(result: TaskResult, started: float, cfg: JobConfig | None = None) -> dict[str, Any]:
     return {
         "task": result.task,
         "run_id": result.run_id,
+        "versions": _versions(),
+        "config": cfg.task(result.task).model_dump(mode="json") if cfg else None,
         "test_accuracy": result.metrics.get("test_accuracy"),
         "metrics": result.metrics,
         "history": result.history,
@@ -81,12 +113,33 @@ def train_and_evaluate(cfg: JobConfig, task: Task, infos: dict) -> dict[str, Any
     model_uri = train_model(cfg, task, data, paths, result)
     evaluate_model(cfg, task, data, model_uri, paths, result)
     if "score" in infos:
-        predict_scores(cfg, task, data, model_uri, paths, result)
-    summary = _task_summary(result, started)
+        champion_uri, champion_version = promote(cfg, task, data, paths, result)
+        predict_scores(cfg, task, data, champion_uri, paths, result, model_version=champion_version)
+    summary = _task_summary(result, started, cfg)
     _write_task_summary(paths, summary)
     if "score" in infos:
         mark_published(paths.fs, paths.path(), {"run_id": paths.run_id})  # the whole nightly run is done
     return summary
+
+
+def promote(cfg: JobConfig, task: Task, data, paths: RunPaths, result: TaskResult) -> tuple[str, str]:
+    """Store this run's model as a version, apply the promotion gate, return the champion to score with."""
+    store = ModelStore(paths)
+    version = paths.run_date
+    store.add_version(version, paths.path("model"))
+    current = store.champion()
+    champion_acc = None
+    if current and current["version"] != version:
+        # Re-measured on tonight's test data: last night's number was on other data.
+        champion_acc = accuracy_on_test(task, data, store.version_uri(current["version"]), paths)
+    decision = store.decide(version, result.metrics["test_accuracy"], champion_acc, cfg.promotion_tolerance)
+    if decision.promoted and (current or {}).get("version") != version:
+        store.set_champion(version, result.metrics["test_accuracy"], paths.run_id)
+    deleted = store.apply_retention(cfg.keep_versions)
+    log.info("%s: %s%s", task, "promoted" if decision.promoted else "not promoted", f" ({decision.reason})")
+    result.metrics["promotion"] = {**decision.as_dict(), "deleted_versions": deleted}
+    result.paths["champion"] = store.version_uri(decision.champion_version)
+    return store.version_uri(decision.champion_version), f"{task}-{decision.champion_version}"
 
 
 def _train_tasks(cfg: JobConfig, splits: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -122,7 +175,7 @@ def run_predict(cfg: JobConfig, model: str | None = None) -> list[dict[str, Any]
         result = TaskResult(task=task, run_id=paths.run_id)
         predict_scores(cfg, task, TaskData(splits=infos[task], meta={}), model_uri, paths, result)
         result.paths["model"] = model_uri
-        summaries.append(_task_summary(result, started))
+        summaries.append(_task_summary(result, started, cfg))
     return summaries
 
 
@@ -135,6 +188,12 @@ def format_summary(summaries: list[dict[str, Any]]) -> str:
             f"{k}: {v['used']}/{v['read']} used, {v['rejected']} rejected" for k, v in s["rows"].items()
         )
         lines.append(f"[{s['task']}] {acc_text} | {rows} | {s['durations_s']['total']:.0f}s")
+        promotion = s.get("metrics", {}).get("promotion")
+        if promotion:
+            verdict = "promoted" if promotion["promoted"] else "NOT promoted"
+            lines.append(
+                f"  model {verdict}: {promotion['reason']}; scored with {promotion['champion_version']}"
+            )
         for key in ("predictions", "model", "summary"):
             if key in s["paths"]:
                 lines.append(f"  {key}: {s['paths'][key]}")

@@ -125,6 +125,14 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         }
         history.append(metrics)
         if rank == 0:
+            left = (tcfg["epochs"] - epoch - 1) * metrics["epoch_s"]
+            # One line per epoch: what a person follows in `ray job logs -f`.
+            print(
+                f"[{kind}] epoch {epoch + 1}/{tcfg['epochs']}: train_loss {metrics['train_loss']:.4f} "
+                f"val_loss {metrics['val_loss']:.4f} val_acc {metrics['val_accuracy']:.2%} "
+                f"{metrics['samples_per_s']:,.0f} samples/s {metrics['epoch_s']:.1f}s, ~{left:.0f}s left",
+                flush=True,
+            )
             with tempfile.TemporaryDirectory() as tmp:
                 meta = {**cfg["meta"], "epoch": epoch, "metrics": metrics, "history": history}
                 save_checkpoint(tmp, raw_model, optimizer, meta)

@@ -36,7 +36,13 @@ def main(out: str, train: str, val: str, test: str) -> dict:
         deadline = time.time() + 300
         while time.time() < deadline:
             if len(list(storage.glob("checkpoint_*/meta.json"))) >= 2:
-                alive = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+                try:
+                    alive = list_actors(
+                        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+                    )
+                except Exception:  # the state API can time out on a loaded machine: ask again
+                    time.sleep(0.5)
+                    continue
                 state["worker_nodes"] = sorted({a.node_id for a in alive})
                 for node in workers:
                     if node.node_id in state["worker_nodes"]:

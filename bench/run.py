@@ -1,0 +1,245 @@
+"""Throughput benchmark: dlbatch vs. a plain single-process PyTorch loop, same data and machine, one run.
+
+    python bench/run.py [--infer-rows 50000] [--train-rows 6000] [--repeats 3]
+
+Prints one table of ratios and writes bench/results.json. Measures:
+  training samples/s (steady state: epochs after the first), CNN and GRU;
+  batch inference images/s end to end (Parquet with PNG bytes in -> predictions Parquet out);
+  fixed cost (local cluster start, worker-group start + first epoch's excess);
+  peak memory of inference at N and 10 N rows (RSS of the whole process tree);
+  CNN FLOP/s as a fraction of this machine's fp32 matmul rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import torch
+from plain import load_split, spec_for, train_plain
+
+from dlbatch.checkpoint import load_model
+from dlbatch.config import load_config
+from dlbatch.demo import make_image_table
+from dlbatch.pipeline import check_task_data, data_paths
+from dlbatch.preprocess import preprocess_batch
+from dlbatch.runner import run_predict, run_train
+
+HERE = Path(__file__).parent
+
+
+def matmul_flops(n: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.rand(n, n), torch.rand(n, n)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - t0)
+
+
+def cnn_flops_per_sample(model: torch.nn.Module, shape=(1, 1, 28, 28)) -> float:
+    """Forward FLOPs (2 x MACs) of convs and linears, counted with hooks on one sample."""
+    total = 0
+
+    def hook(module, inputs, output):
+        nonlocal total
+        if isinstance(module, torch.nn.Conv2d):
+            k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels
+            total += 2 * k * output.numel()
+        elif isinstance(module, torch.nn.Linear):
+            total += 2 * module.in_features * module.out_features
+
+    handles = [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)
+    ]
+    with torch.no_grad():
+        model(torch.rand(shape))
+    for h in handles:
+        h.remove()
+    return float(total)
+
+
+class PeakRSS:
+    """Peak resident memory of this process and all its descendants (Ray's workers included)."""
+
+    def __init__(self, interval: float = 0.1):
+        self.peak, self._stop, self.interval = 0, threading.Event(), interval
+
+    def _sample(self):
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            procs = [me, *me.children(recursive=True)]
+            for p in procs:
+                with contextlib.suppress(psutil.Error):
+                    total += p.memory_info().rss
+            self.peak = max(self.peak, total)
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def steady(history: list[dict]) -> float:
+    return statistics.median(h["samples_per_s"] for h in history[1:])
+
+
+def bench_training(root: str, train_rows: int, epochs: int) -> dict:
+    out = {}
+    for task in ("image", "text"):
+        cfg = load_config(None, [f"tasks=[{task}]", f"output_root={root}/train-{task}", f"demo_rows={train_rows}",
+                                 f"{task}.train.epochs={epochs}", "run_date=2026-01-01"])  # fmt: skip
+        t0 = time.perf_counter()
+        [summary] = run_train(cfg)
+        tcfg = cfg.task(task).train
+        data = check_task_data(cfg, task, ("train", "val"))
+        paths = data_paths(cfg, task)
+        spec = spec_for(task, data.meta)
+        train, val = load_split(paths["train"], spec), load_split(paths["val"], spec)
+        torch.set_num_threads(os.cpu_count() or 1)
+        _, plain_hist = train_plain(
+            task, data.meta, train, val, epochs, tcfg.batch_size * tcfg.num_workers, tcfg.lr
+        )
+        hist = summary["history"]
+        out[task] = {
+            "dlbatch_samples_per_s": steady(hist),
+            "plain_samples_per_s": steady(plain_hist),
+            "train_stage_s": summary["durations_s"]["train"],
+            "worker_group_start_and_first_epoch_excess_s": summary["durations_s"]["train"]
+            - sum(h["epoch_s"] for h in hist)
+            + (hist[0]["epoch_s"] - hist[1]["epoch_s"]),
+            "model_dir": summary["paths"]["model"],
+            "wall_s": time.perf_counter() - t0,
+        }
+        out[task]["ratio"] = out[task]["dlbatch_samples_per_s"] / out[task]["plain_samples_per_s"]
+    return out
+
+
+def write_score_set(path: Path, rows: int) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    chunk = 5000
+    for i, start in enumerate(range(0, rows, chunk)):
+        n = min(chunk, rows - start)
+        table = make_image_table(n, seed=1000 + i, with_labels=False, prefix=f"s{i}")
+        pq.write_table(table, path / f"part-{i:04d}.parquet")
+    return path
+
+
+def plain_inference(score: Path, model_dir: str, out: Path, batch: int = 512) -> float:
+    """pyarrow + Pillow + torch in one process: read batches, decode, predict, write Parquet."""
+    t0 = time.perf_counter()
+    model, meta = load_model(model_dir)
+    spec = spec_for("image", meta)
+    writer = None
+    with torch.inference_mode():
+        for record_batch in pads.dataset(score, format="parquet").to_batches(batch_size=batch):
+            cols = preprocess_batch(pa.Table.from_batches([record_batch]), spec, with_labels=False)
+            probs = torch.softmax(model(torch.from_numpy(cols["x"])), 1)
+            conf, pred = probs.max(1)
+            table = pa.table({"id": cols["id"], "pred_index": pred.numpy(), "confidence": conf.numpy()})
+            writer = writer or pq.ParquetWriter(out, table.schema)
+            writer.write_table(table)
+    writer.close()
+    return time.perf_counter() - t0
+
+
+def bench_inference(root: str, model_dir: str, rows: int, actors: int) -> dict:
+    score = write_score_set(Path(root) / f"score-{rows}", rows)
+    overrides = ["tasks=[image]", f"output_root={root}/infer", f"image.data.score={score}", "run_date=2026-01-01",
+                 "force=true", f"image.predict.num_actors={actors}"]  # fmt: skip
+    with PeakRSS() as mem:
+        [summary] = run_predict(load_config(None, overrides), model=model_dir)
+    torch.set_num_threads(os.cpu_count() or 1)
+    plain_s = plain_inference(score, model_dir, Path(root) / "plain-preds.parquet")
+    return {
+        "rows": rows,
+        "dlbatch_images_per_s": rows / summary["durations_s"]["predict"],
+        "plain_images_per_s": rows / plain_s,
+        "peak_rss_bytes": mem.peak,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--train-rows", type=int, default=6000)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--infer-rows", type=int, default=50_000)
+    parser.add_argument("--actors", type=int, default=2)
+    args = parser.parse_args()
+
+    import ray
+
+    from dlbatch.cluster import ensure_ray
+
+    root = tempfile.mkdtemp(prefix="dlbatch-bench-")
+    t0 = time.perf_counter()
+    ensure_ray(load_config(None, []))
+    ray_start_s = time.perf_counter() - t0
+    results: dict = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "ray": ray.__version__}}
+    results["training"] = bench_training(root, args.train_rows, args.epochs)
+    model_dir = results["training"]["image"]["model_dir"]
+    small = bench_inference(root, model_dir, args.infer_rows // 10, args.actors)
+    large = bench_inference(root, model_dir, args.infer_rows, args.actors)
+    results["inference"] = {**large, "ratio": large["dlbatch_images_per_s"] / large["plain_images_per_s"]}
+    results["memory"] = {"peak_rss_n": small["peak_rss_bytes"], "peak_rss_10n": large["peak_rss_bytes"],
+                         "ratio": large["peak_rss_bytes"] / small["peak_rss_bytes"]}  # fmt: skip
+    image = results["training"]["image"]
+    results["fixed_cost_s"] = {
+        "ray_start": ray_start_s,
+        "worker_group_and_first_batch": image["worker_group_start_and_first_epoch_excess_s"],
+    }
+    model, _ = load_model(model_dir)
+    flops = cnn_flops_per_sample(model)
+    peak = matmul_flops()
+    results["flops"] = {
+        "cnn_forward_flops_per_sample": flops,
+        "machine_fp32_matmul_flops": peak,
+        "train_fraction": 3 * flops * image["dlbatch_samples_per_s"] / peak,
+        "inference_fraction": flops * large["dlbatch_images_per_s"] / peak,
+    }
+    (HERE / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    rows = [
+        ("CNN training samples/s", image["dlbatch_samples_per_s"], image["plain_samples_per_s"], image["ratio"]),
+        ("GRU training samples/s", results["training"]["text"]["dlbatch_samples_per_s"],
+         results["training"]["text"]["plain_samples_per_s"], results["training"]["text"]["ratio"]),
+        (f"inference images/s ({args.infer_rows:,})", large["dlbatch_images_per_s"], large["plain_images_per_s"],
+         results["inference"]["ratio"]),
+    ]  # fmt: skip
+    print(f"{'metric':34} {'dlbatch':>10} {'plain':>10} {'ratio':>7}")
+    for name, ours, base, ratio in rows:
+        print(f"{name:34} {ours:10,.0f} {base:10,.0f} {ratio:7.2f}")
+    mem = results["memory"]
+    print(
+        f"peak RSS N={args.infer_rows // 10:,}: {mem['peak_rss_n'] / 2**20:,.0f} MiB, 10N: {mem['peak_rss_10n'] / 2**20:,.0f} MiB, ratio {mem['ratio']:.2f}"
+    )
+    print(
+        f"fixed cost: Ray start {ray_start_s:.1f} s, worker group + first batch {results['fixed_cost_s']['worker_group_and_first_batch']:.1f} s"
+    )
+    print(
+        f"CNN FLOP/s fraction of fp32 matmul peak ({peak / 1e9:.0f} GFLOP/s): train {results['flops']['train_fraction']:.1%}, inference {results['flops']['inference_fraction']:.1%}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
