@@ -14,6 +14,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
+
 from dlbatch.cluster import ensure_ray
 from dlbatch.config import JobConfig, Task, load_config
 from dlbatch.data import resolve_path
@@ -29,6 +31,7 @@ from dlbatch.pipeline import (
     train_model,
 )
 from dlbatch.registry import ModelStore
+from dlbatch.report import render_report
 from dlbatch.store import (
     RunPaths,
     is_published,
@@ -88,9 +91,24 @@ def _task_summary(result: TaskResult, started: float, cfg: JobConfig | None = No
     }
 
 
+def _previous_summary(paths: RunPaths) -> dict[str, Any] | None:
+    """The latest earlier run date's summary for this task, for night-over-night comparison."""
+    infos = paths.fs.get_file_info(pafs.FileSelector(f"{paths.root}/runs", allow_not_found=True))
+    dates = sorted((i.base_name for i in infos if i.type == pafs.FileType.Directory), reverse=True)
+    for date in dates:
+        if date < paths.run_date:
+            found = read_json(paths.fs, f"{paths.root}/runs/{date}/{paths.task}/summary.json")
+            if found:
+                return found
+    return None
+
+
 def _write_task_summary(paths: RunPaths, summary: dict[str, Any]) -> None:
     summary["paths"]["summary"] = paths.uri("summary.json")
+    summary["paths"]["report"] = paths.uri("report.html")
     write_json(paths.fs, paths.path("summary.json"), summary)
+    with paths.fs.open_output_stream(paths.path("report.html")) as out:
+        out.write(render_report(summary, _previous_summary(paths)).encode())
 
 
 def _forget_run(paths: RunPaths) -> None:
@@ -194,7 +212,7 @@ def format_summary(summaries: list[dict[str, Any]]) -> str:
             lines.append(
                 f"  model {verdict}: {promotion['reason']}; scored with {promotion['champion_version']}"
             )
-        for key in ("predictions", "model", "summary"):
+        for key in ("predictions", "model", "summary", "report"):
             if key in s["paths"]:
                 lines.append(f"  {key}: {s['paths'][key]}")
     return "\n".join(lines)

@@ -1,12 +1,18 @@
 """Three nights: a model is promoted, a worse one is not (scoring keeps the champion), and a trigger that
 fires twice does the work once."""
 
+import base64
+import io
 import json
+import re
+import shutil
+import subprocess
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
+from PIL import Image
 
 from dlbatch.config import load_config
 from dlbatch.runner import run_nightly
@@ -69,4 +75,53 @@ def test_three_nights_promotion_gate_and_idempotent_trigger(ray_cluster, demo_ro
         "2026-11-24",
         "2026-11-25",
     ]
+    report = (out / "runs/2026-11-25/text/report.html").read_text()
+    assert "previous night text-2026-11-24" in report and "data:image/png;base64," in report
     assert night3["versions"]["ray"].startswith("2.60") and night3["config"]["train"]["epochs"] == 2
+
+
+def _chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert path, "chromium is missing: .ci/run installs it (Debian package 'chromium')"
+    return path
+
+
+def _browser(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'chrome-profile'}"]  # fmt: skip
+    return subprocess.run([_chromium(), *flags, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_report_renders_in_a_headless_browser(tmp_path):
+    from dlbatch.report import per_class_scores, render_report
+
+    history = [{"epoch": e, "train_loss": 1 / (e + 1), "val_loss": 1.2 / (e + 1), "val_accuracy": 0.5 + 0.1 * e,
+                "samples_per_s": 1000 + e, "epoch_s": 2.0} for e in range(3)]  # fmt: skip
+    summary = {
+        "task": "text", "run_id": "text-2026-11-25", "test_accuracy": 0.8765, "history": history,
+        "metrics": {"confusion": [[40, 10], [5, 45]], "label_names": ["news", "sport"],
+                    "promotion": {"promoted": False, "reason": "kept champion 2026-11-23: test accuracy lower",
+                                  "champion_version": "2026-11-23"}},
+        "rows": {"train": {"read": 100, "used": 98, "rejected": 2}, "score": {"read": 50, "used": 50, "rejected": 0}},
+        "durations_s": {"preprocess": 1.0, "train": 30.0, "predict": 2.0},
+    }  # fmt: skip
+    previous = {"run_id": "text-2026-11-24", "test_accuracy": 0.9}
+    page = tmp_path / "report.html"
+    page.write_text(render_report(summary, previous))
+
+    dom = _browser(tmp_path, "--dump-dom", page.as_uri())
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert "87.65%" in dom.stdout and "90.00%" in dom.stdout and "-2.35 points" in dom.stdout
+    assert "kept champion 2026-11-23" in dom.stdout
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', dom.stdout)
+    assert len(images) == 2  # curves + confusion matrix, embedded: the page needs nothing else
+    for data in images:
+        assert Image.open(io.BytesIO(base64.b64decode(data))).size[0] > 200
+    f1 = per_class_scores(summary["metrics"]["confusion"])[0]["f1"]
+    assert f"{f1:.3f}" in dom.stdout  # per-class F1 shown (news: p=40/45, r=40/50)
+
+    shot = tmp_path / "report.png"
+    done = _browser(tmp_path, f"--screenshot={shot}", "--window-size=1000,1800", page.as_uri())
+    assert done.returncode == 0 and shot.exists()
+    pixels = np.asarray(Image.open(shot).convert("L"))
+    assert pixels.std() > 10  # not a blank page

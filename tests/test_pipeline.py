@@ -17,7 +17,10 @@ def _rows(path) -> int:
 
 @pytest.mark.parametrize(("task", "chance", "min_acc"), [("image", 0.10, 0.60), ("text", 0.25, 0.60)])
 def test_nightly_trains_evaluates_and_predicts(ray_cluster, demo_root, tmp_path, task, chance, min_acc):
-    cfg = config_for(tmp_path, task, demo_root, f"{task}.train.epochs=2", f"{task}.train.batch_size=32")
+    extra = ["text.data.passthrough_columns=[text]"] if task == "text" else []
+    cfg = config_for(
+        tmp_path, task, demo_root, f"{task}.train.epochs=2", f"{task}.train.batch_size=32", *extra
+    )
     [summary] = run_nightly(cfg)
 
     assert summary["test_accuracy"] > min_acc > chance
@@ -40,6 +43,16 @@ def test_nightly_trains_evaluates_and_predicts(ray_cluster, demo_root, tmp_path,
         preds.column_names
     )
     assert "reject_reason" not in preds.column_names
+    if task == "text":  # pass-through columns come back with their rows
+        by_id = dict(
+            zip(
+                *pq.read_table(demo_root[task]["score"], columns=["id", "text"]).to_pydict().values(),
+                strict=True,
+            )
+        )
+        assert all(
+            by_id[i] == t for i, t in zip(preds["id"].to_pylist(), preds["text"].to_pylist(), strict=True)
+        )
     first = preds.slice(0, 1).to_pylist()[0]
     assert abs(sum(first["probs"]) - 1) < 1e-4 and first["confidence"] == max(first["probs"])
     assert first["run_date"] == "2026-11-25"

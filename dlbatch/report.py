@@ -1,0 +1,148 @@
+"""A self-contained HTML report per task run: what a person opens in the morning.
+
+Plots (matplotlib, Agg backend) are embedded as base64 PNGs, so the page has no external references.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from typing import Any
+
+import numpy as np
+
+
+def per_class_scores(confusion: list[list[int]]) -> list[dict[str, float]]:
+    """Precision, recall, F1 and support per class from a confusion matrix (rows: true, cols: predicted)."""
+    cm = np.asarray(confusion, dtype=np.float64)
+    tp = np.diag(cm)
+    predicted, actual = cm.sum(0), cm.sum(1)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, actual, out=np.zeros_like(tp), where=actual > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+    return [
+        {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+        for p, r, f, s in zip(precision, recall, f1, actual, strict=True)
+    ]
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _curves(history: list[dict[str, Any]]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] + 1 for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.2))
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train loss")
+    ax_loss.plot(epochs, [h["val_loss"] for h in history], marker="o", label="val loss")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.legend()
+    ax_acc.plot(
+        epochs, [h["val_accuracy"] for h in history], marker="o", color="tab:green", label="val accuracy"
+    )
+    ax_acc.set_xlabel("epoch")
+    ax_acc.set_ylim(0, 1)
+    ax_acc.legend()
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
+def _confusion_plot(confusion: list[list[int]], names: list[str]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.asarray(confusion)
+    fig, ax = plt.subplots(figsize=(1 + 0.5 * len(names), 1 + 0.5 * len(names)))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(
+            j, i, str(v), ha="center", va="center", fontsize=7, color="white" if v > cm.max() / 2 else "black"
+        )
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def render_report(summary: dict[str, Any], previous: dict[str, Any] | None = None) -> str:
+    """HTML for one task's run summary (``summary.json``), compared with the previous night's if given."""
+    metrics = summary.get("metrics", {})
+    names = metrics.get("label_names", [])
+    parts = [f"<h1>dlbatch {html.escape(summary['task'])} — {html.escape(summary['run_id'])}</h1>"]
+    acc = summary.get("test_accuracy")
+    prev_acc = (previous or {}).get("test_accuracy")
+    line = f"test accuracy <b id='test-accuracy'>{acc:.2%}</b>" if acc is not None else "no evaluation"
+    if prev_acc is not None and acc is not None:
+        line += f" (previous night {html.escape(previous['run_id'])}: {prev_acc:.2%}, change {100 * (acc - prev_acc):+.2f} points)"
+    parts.append(f"<p>{line}</p>")
+    promotion = metrics.get("promotion")
+    if promotion:
+        verdict = "promoted" if promotion["promoted"] else "not promoted"
+        parts.append(
+            f"<p id='promotion'>Model {verdict}: {html.escape(promotion['reason'])}. "
+            f"Scored with champion {html.escape(promotion['champion_version'])}.</p>"
+        )
+    if summary.get("history"):
+        parts.append(
+            f"<h2>Training</h2><img alt='loss and accuracy per epoch' src='data:image/png;base64,{_curves(summary['history'])}'>"
+        )
+        parts.append(_table(
+            ["epoch", "train loss", "val loss", "val accuracy", "samples/s", "seconds"],
+            [[h["epoch"] + 1, f"{h['train_loss']:.4f}", f"{h['val_loss']:.4f}", f"{h['val_accuracy']:.2%}",
+              f"{h['samples_per_s']:,.0f}", f"{h['epoch_s']:.1f}"] for h in summary["history"]],
+        ))  # fmt: skip
+    if metrics.get("confusion"):
+        parts.append(
+            f"<h2>Test set</h2><img alt='confusion matrix' src='data:image/png;base64,{_confusion_plot(metrics['confusion'], names)}'>"
+        )
+        scores = per_class_scores(metrics["confusion"])
+        parts.append(_table(
+            ["class", "precision", "recall", "F1", "support"],
+            [[n, f"{s['precision']:.3f}", f"{s['recall']:.3f}", f"{s['f1']:.3f}", s["support"]] for n, s in zip(names, scores, strict=True)],
+        ))  # fmt: skip
+    rows = summary.get("rows", {})
+    durations = summary.get("durations_s", {})
+    stage_rows = []
+    for stage, split in (("preprocess", "train"), ("evaluate", "test"), ("predict", "score")):
+        if stage in durations and split in rows:
+            stage_rows.append(
+                [
+                    stage,
+                    f"{durations[stage]:.1f}",
+                    rows[split]["read"],
+                    f"{rows[split]['read'] / max(durations[stage], 1e-9):,.0f}",
+                ]
+            )
+    if "train" in durations:
+        stage_rows.append(["train", f"{durations['train']:.1f}", "", ""])
+    parts.append("<h2>Stages</h2>" + _table(["stage", "seconds", "rows", "rows/s"], stage_rows))
+    parts.append("<h2>Rows</h2>" + _table(
+        ["split", "read", "used", "rejected"], [[s, c["read"], c["used"], c["rejected"]] for s, c in rows.items()]
+    ))  # fmt: skip
+    style = "body{font-family:sans-serif;margin:2em;max-width:60em}table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>dlbatch {html.escape(summary['run_id'])}</title><style>{style}</style></head><body>{''.join(parts)}</body></html>"

@@ -1,0 +1,46 @@
+"""deploy/: the KubeRay RayJob and the nightly CronJob are valid YAML with the fields they need."""
+
+from pathlib import Path
+
+import yaml
+
+DEPLOY = Path(__file__).parents[1] / "deploy"
+
+
+def _load(name: str) -> dict:
+    return yaml.safe_load((DEPLOY / name).read_text())
+
+
+def test_rayjob_fields():
+    job = _load("rayjob.yaml")
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    assert "RUN_DATE" in job["metadata"]["name"]  # one name per night = one submission per night
+    spec = job["spec"]
+    assert (
+        spec["entrypoint"].startswith("python jobs/nightly.py")
+        and "--run-date RUN_DATE" in spec["entrypoint"]
+    )
+    assert spec["shutdownAfterJobFinishes"] is True
+    cluster = spec["rayClusterSpec"]
+    assert cluster["rayVersion"].startswith("2.60")
+    assert cluster["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+    gpu = cluster["workerGroupSpecs"][0]
+    assert gpu["minReplicas"] == 0 and gpu["maxReplicas"] >= 1
+    containers = [
+        cluster["headGroupSpec"]["template"]["spec"]["containers"][0],
+        gpu["template"]["spec"]["containers"][0],
+    ]
+    for container in containers:
+        env = {e["name"]: e for e in container["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token"
+        assert "secretKeyRef" in env["RAY_AUTH_TOKEN"]["valueFrom"]  # the token is a secret, never inline
+    assert gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+def test_cronjob_creates_one_dated_rayjob_per_night():
+    cron = _load("cronjob.yaml")
+    assert cron["kind"] == "CronJob" and cron["spec"]["concurrencyPolicy"] == "Forbid"
+    assert len(cron["spec"]["schedule"].split()) == 5
+    container = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    script = " ".join(container["args"])
+    assert "kubectl create" in script and "date -u +%F" in script and "/manifests/rayjob.yaml" in script
