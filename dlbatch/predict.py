@@ -139,7 +139,6 @@ def predict_dataset(
         concurrency=(1, pcfg["num_actors"]) if pcfg["num_actors"] > 1 else 1,
         num_cpus=pcfg["cpus_per_actor"],
         num_gpus=pcfg["gpus_per_actor"],
-        # An actor that dies (node lost, OOM) is restarted and its batches retried.
-        max_restarts=-1,
-        max_task_retries=-1,
+        # An actor that dies (node lost, OOM) is restarted and its batches retried: Ray Data's actor pools
+        # default to max_restarts=-1 and max_task_retries=-1 (tests/test_faults.py kills one to check).
     )

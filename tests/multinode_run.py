@@ -10,12 +10,22 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import ray
 from ray.cluster_utils import Cluster
-from ray.util.state import list_actors
 
 from dlbatch.config import load_config
 from dlbatch.runner import run_train
+
+
+def registered_checkpoints(storage: Path) -> int:
+    """Checkpoints Ray Train's controller has registered (its snapshot file). Files on disk are not enough:
+    a checkpoint reported shortly before a failure may never be registered, and is then not resumed from."""
+    try:
+        snapshot = json.loads((storage / "checkpoint_manager_snapshot.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+    return len(snapshot.get("checkpoint_results") or [])
 
 
 def main(out: str, train: str, val: str, test: str) -> dict:
@@ -32,23 +42,30 @@ def main(out: str, train: str, val: str, test: str) -> dict:
     storage = Path(out) / "ray_results" / "text-2026-11-25"
     state: dict = {}
 
+    def train_worker_nodes() -> list:
+        """Worker nodes hosting a RayTrainWorker: on one machine each node is its own raylet process, and
+        actor processes are the raylet's children (read from the OS; the state API can time out here)."""
+        hosting = []
+        for node in workers:
+            raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
+            titles = [" ".join(c.cmdline()) for c in raylet.children(recursive=True) if c.is_running()]
+            if any(t.startswith("ray::RayTrainWorker") for t in titles):
+                hosting.append(node)
+        return hosting
+
     def remove_a_worker_node():
         deadline = time.time() + 300
         while time.time() < deadline:
-            if len(list(storage.glob("checkpoint_*/meta.json"))) >= 2:
+            if registered_checkpoints(storage) >= 1:
                 try:
-                    alive = list_actors(
-                        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
-                    )
-                except Exception:  # the state API can time out on a loaded machine: ask again
-                    time.sleep(0.5)
-                    continue
-                state["worker_nodes"] = sorted({a.node_id for a in alive})
-                for node in workers:
-                    if node.node_id in state["worker_nodes"]:
-                        cluster.remove_node(node)
-                        state["removed_node"], state["removed_at"] = node.node_id, time.time()
-                        return
+                    hosting = train_worker_nodes()
+                except psutil.Error:
+                    hosting = []
+                if hosting:
+                    state["worker_nodes_hosting"] = len(hosting)
+                    state["removed_node"], state["removed_at"] = hosting[0].node_id, time.time()
+                    cluster.remove_node(hosting[0])
+                    return
             time.sleep(0.2)
 
     remover = threading.Thread(target=remove_a_worker_node, daemon=True)

@@ -25,14 +25,26 @@ REPO = Path(__file__).parents[1]
 RUN_DATE = "2026-11-25"
 
 
-def _actor_pids(class_name: str) -> list[int]:
-    """PIDs of live Ray actor processes of ``class_name``, from their process titles (``ray::Class...``).
+def registered_checkpoints(storage: Path) -> int:
+    """Checkpoints Ray Train's controller has registered (its snapshot file). Files on disk are not enough:
+    a checkpoint reported shortly before a failure may never be registered, and is then not resumed from."""
+    try:
+        snapshot = json.loads((storage / "checkpoint_manager_snapshot.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+    return len(snapshot.get("checkpoint_results") or [])
+
+
+def _actor_pids(class_name: str, started_after: float) -> list[int]:
+    """PIDs of live Ray actor processes of ``class_name``, from their process titles (``ray::Class...``),
+    started after ``started_after`` (actors of earlier tests may still be exiting).
 
     Read from the OS, not Ray's state API: that API can time out on a loaded 2-core machine."""
     pids = []
-    for proc in psutil.process_iter(["cmdline"]):
+    for proc in psutil.process_iter(["cmdline", "create_time", "status"]):
         cmdline = " ".join(proc.info["cmdline"] or [])
-        if cmdline.startswith(f"ray::{class_name}"):
+        alive = proc.info["status"] not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+        if cmdline.startswith(f"ray::{class_name}") and proc.info["create_time"] >= started_after and alive:
             pids.append(proc.pid)
     return pids
 
@@ -40,10 +52,12 @@ def _actor_pids(class_name: str) -> list[int]:
 def _kill_actor_when(class_name: str, ready, state: dict, timeout: float = 240) -> threading.Thread:
     """SIGKILL one live actor process of ``class_name`` once ``ready()`` is true; records what it killed."""
 
+    started = time.time()
+
     def run():
         deadline = time.time() + timeout
         while time.time() < deadline and "killed_pid" not in state:
-            pids = _actor_pids(class_name) if ready() else []
+            pids = _actor_pids(class_name, started) if ready() else []
             if pids:
                 os.kill(pids[0], signal.SIGKILL)
                 state["killed_pid"], state["killed_at"] = pids[0], time.time()

@@ -22,7 +22,15 @@ def _cfg(out, paths, date, *extra):
     data = [f"text.data.{s}={p}" for s, p in paths.items()]
     return load_config(
         None,
-        ["tasks=[text]", f"output_root={out}", f"run_date={date}", "text.train.batch_size=32", *data, *extra],
+        [
+            "tasks=[text]",
+            f"output_root={out}",
+            f"run_date={date}",
+            "text.train.batch_size=32",
+            "promotion_tolerance=0.05",
+            *data,
+            *extra,
+        ],
     )
 
 

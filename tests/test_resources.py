@@ -1,0 +1,30 @@
+"""DESIGN pitfall 1: training workers holding every CPU must not starve Ray Data into a hang.
+
+The job runs in its own process with a local cluster of exactly 2 logical CPUs and 2 training workers of
+1 CPU each. If the pipeline needed CPU-holding Ray Data tasks while the workers hold every CPU, this
+would hang, and the timeout turns the hang into a failure."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).parents[1]
+
+
+def test_training_workers_holding_every_cpu_do_not_hang_the_job(demo_root, tmp_path):
+    paths = demo_root["text"]
+    cmd = [
+        sys.executable, "jobs/train.py", "tasks=[text]", f"output_root={tmp_path}", "cluster.local_num_cpus=2",
+        "text.train.num_workers=2", "text.train.cpus_per_worker=1", "text.train.epochs=1",
+        *[f"text.data.{s}={paths[s]}" for s in ("train", "val", "test")],
+    ]  # fmt: skip
+    try:
+        done = subprocess.run(
+            cmd, cwd=REPO, capture_output=True, text=True, timeout=300, start_new_session=True
+        )
+    except subprocess.TimeoutExpired as err:
+        raise AssertionError(
+            "the job hung with every CPU held by training workers (DESIGN.md pitfall 1)"
+        ) from err
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert "[text] test accuracy" in done.stdout
