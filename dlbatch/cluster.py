@@ -49,6 +49,7 @@ def ensure_ray(cfg: JobConfig) -> None:
         ray.init(address=address, log_to_driver=True)
         return
     ray.init(
+        address="local",  # always a private instance: never attach to a cluster that merely runs here
         num_cpus=local_num_cpus(cfg),
         # The dashboard serves the state API that Ray Train's controller polls; keep it on loopback.
         include_dashboard=True,

@@ -12,20 +12,11 @@ from pathlib import Path
 
 import psutil
 import ray
+from faultutil import registered_checkpoints
 from ray.cluster_utils import Cluster
 
 from dlbatch.config import load_config
 from dlbatch.runner import run_train
-
-
-def registered_checkpoints(storage: Path) -> int:
-    """Checkpoints Ray Train's controller has registered (its snapshot file). Files on disk are not enough:
-    a checkpoint reported shortly before a failure may never be registered, and is then not resumed from."""
-    try:
-        snapshot = json.loads((storage / "checkpoint_manager_snapshot.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return 0
-    return len(snapshot.get("checkpoint_results") or [])
 
 
 def main(out: str, train: str, val: str, test: str) -> dict:

@@ -25,16 +25,6 @@ REPO = Path(__file__).parents[1]
 RUN_DATE = "2026-11-25"
 
 
-def registered_checkpoints(storage: Path) -> int:
-    """Checkpoints Ray Train's controller has registered (its snapshot file). Files on disk are not enough:
-    a checkpoint reported shortly before a failure may never be registered, and is then not resumed from."""
-    try:
-        snapshot = json.loads((storage / "checkpoint_manager_snapshot.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return 0
-    return len(snapshot.get("checkpoint_results") or [])
-
-
 def _actor_pids(class_name: str, started_after: float | None, min_age_s: float = 0.0) -> list[int]:
     """PIDs of live Ray actor processes of ``class_name``, from their process titles (``ray::Class...``),
     started after ``started_after`` (actors of earlier tests may still be exiting).
