@@ -13,7 +13,7 @@ import pyarrow.dataset as pads
 import torch
 import torch.nn.functional as F
 
-from dlbatch.models import build_model, forward_batch
+from dlbatch.models import build_model, fast_layout, forward_batch
 from dlbatch.predict import preprocess_spec
 from dlbatch.preprocess import preprocess_batch
 
@@ -43,9 +43,14 @@ def train_plain(
     batch_size: int,
     lr: float,
     seed: int = 0,
+    channels_last: bool = False,
 ) -> tuple[torch.nn.Module, list[dict[str, float]]]:
+    """``channels_last``: the CNN in the layout dlbatch trains it in (``fast_layout``); off, the model as
+    plain PyTorch builds it."""
     torch.manual_seed(seed)
     model = build_model(kind, meta["model_args"])
+    if channels_last:
+        model = fast_layout(model)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     history = []
     for epoch in range(epochs):

@@ -9,6 +9,12 @@ from dlbatch.config import JobConfig
 
 log = logging.getLogger(__name__)
 
+# Imported by every Ray worker process as it starts (the raylet's preload_python_modules; on a cluster the
+# RAY_preload_python_modules env var, see cluster.yaml). Ray pre-starts idle workers, so an inference
+# actor or a training worker lands in a process that has already paid for `import torch` (~2-4 s here):
+# two inference actors were ready in 0.4 s instead of 3.4 s. The price is ~150 MB more RSS per idle worker.
+PRELOAD_MODULES = ("torch", "ray.data", "ray.train.torch")
+
 
 def local_num_cpus(cfg: JobConfig) -> int:
     """Logical CPUs for a local cluster: the largest worker group plus room for Ray Data and inference.
@@ -56,4 +62,5 @@ def ensure_ray(cfg: JobConfig) -> None:
         dashboard_host="127.0.0.1",
         configure_logging=True,
         logging_level=logging.WARNING,
+        _system_config={"preload_python_modules": list(PRELOAD_MODULES)},
     )

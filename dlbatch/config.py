@@ -81,7 +81,9 @@ class TrainConfig(_Frozen):
 
 class PredictConfig(_Frozen):
     batch_size: int = Field(default=512, ge=1)
-    num_actors: int = Field(default=1, ge=1)
+    # Inference actors (a fixed pool). None: sized to the cluster when the stage starts, one per
+    # gpus_per_actor GPUs, or on CPUs one per cpus_per_actor CPUs after leaving 2 for reading and writing.
+    num_actors: int | None = Field(default=None, ge=1)
     gpus_per_actor: float = Field(default=0.0, ge=0)
     cpus_per_actor: float = Field(default=1.0, gt=0)
 

@@ -15,6 +15,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image, UnidentifiedImageError
 
+try:  # libspng: PNG decoding without Pillow's per-image Python overhead (see _decode_png_fast)
+    import pyspng
+except ImportError:  # pragma: no cover - platforms without a wheel decode with Pillow
+    pyspng = None
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
 PAD, UNK = 0, 1
 TOKEN_SPLIT = r"[^\p{L}\p{N}']+"  # RE2: anything but letters, digits and apostrophes separates tokens
 
@@ -71,22 +78,41 @@ def _image_bytes_column(col: pa.Array) -> pa.Array:
     return col
 
 
+def _decode_png_fast(data: bytes, mode: str, height: int, width: int) -> np.ndarray | None:
+    """HWC/HW uint8 pixels of an 8-bit PNG already in ``mode`` and size, decoded by libspng; None for
+    anything else (other formats, sizes, bit depths, alpha, palettes to grey, corrupt files): those go
+    through Pillow, which converts them and names what is wrong. Where this returns pixels they are
+    identical to Pillow's (tests/test_preprocess.py compares both paths)."""
+    if pyspng is None or not data.startswith(PNG_SIGNATURE):
+        return None
+    try:
+        arr = pyspng.load(data)
+    except Exception:  # libspng's errors are plain RuntimeErrors; Pillow re-decodes and reports
+        return None
+    expected = (height, width) if mode == "L" else (height, width, 3)
+    return arr if arr.dtype == np.uint8 and arr.shape == expected else None
+
+
 def _decode_one(
     data: bytes, mode: str, height: int, width: int, resize: bool
 ) -> tuple[np.ndarray | None, str | None]:
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            if img.size != (width, height):
-                if not resize:
-                    return (
-                        None,
-                        f"image is {img.size[1]}x{img.size[0]}, expected {height}x{width} (resize is off)",
-                    )
-                img = img.convert(mode).resize((width, height), Image.BILINEAR)
-            arr = np.asarray(img.convert(mode), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
-        return None, f"undecodable image ({type(err).__name__})"
+    arr = _decode_png_fast(data, mode, height, width)
+    if arr is None:
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()
+                if img.size != (width, height):
+                    if not resize:
+                        reason = (
+                            f"image is {img.size[1]}x{img.size[0]}, expected {height}x{width} (resize is off)"
+                        )
+                        return None, reason
+                    img = img.convert(mode).resize((width, height), Image.BILINEAR)
+                if img.mode != mode:
+                    img = img.convert(mode)
+                arr = np.asarray(img, dtype=np.uint8)
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
+            return None, f"undecodable image ({type(err).__name__})"
     return (arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)), None
 
 

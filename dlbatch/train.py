@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlbatch.checkpoint import load_training_state, save_checkpoint
-from dlbatch.models import build_model, forward_batch
+from dlbatch.models import build_model, fast_layout, forward_batch
 
 FEATURES = {"image": ["x", "y"], "text": ["tokens", "length", "y"]}
 
@@ -89,7 +89,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     torch.manual_seed(tcfg["seed"] + rank)
     device = ray.train.torch.get_device()
 
-    model = build_model(kind, cfg["model_args"])
+    model = fast_layout(build_model(kind, cfg["model_args"]).to(device))
     optimizer = torch.optim.Adam(model.parameters(), lr=tcfg["lr"])
     start_epoch, history = 0, []
     resume = ray.train.get_checkpoint()

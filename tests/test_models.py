@@ -48,3 +48,19 @@ def test_build_model_from_checkpoint_args():
     assert isinstance(m, ImageCNN)
     with pytest.raises(ValueError, match="unknown model kind"):
         build_model("audio", {})
+
+
+def test_fast_layout_keeps_values_and_checkpoints_portable():
+    from dlbatch.models import fast_layout
+
+    torch.manual_seed(0)
+    plain = ImageCNN(CNNArgs(num_classes=10, in_channels=3, height=32, width=32)).eval()
+    fast = fast_layout(ImageCNN(CNNArgs(num_classes=10, in_channels=3, height=32, width=32))).eval()
+    fast.load_state_dict(plain.state_dict())
+    assert fast.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.rand(5, 3, 32, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-5)
+    back = ImageCNN(CNNArgs(num_classes=10, in_channels=3, height=32, width=32))
+    back.load_state_dict(fast.state_dict())  # a checkpoint saved in either layout loads into the other
+    assert torch.equal(back.features[0].weight, plain.features[0].weight)

@@ -131,3 +131,48 @@ def test_rows_without_id_column_use_the_readers_row_hash():
 def test_unlabelled_batches_give_minus_one(with_labels):
     batch = pa.table({"id": [1], "text": ["cat"]})
     assert preprocess_batch(batch, TEXT_SPEC, with_labels=with_labels)["y"].tolist() == [-1]
+
+
+def _png_variants() -> dict[str, bytes]:
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (28, 28, 3), dtype=np.uint8))
+    out = {mode: rgb.convert(mode) for mode in ("L", "RGB", "RGBA", "LA", "1", "I;16")}
+    out["P"] = rgb.quantize(16)
+    with_trns = rgb.quantize(16)
+    with_trns.info["transparency"] = 3
+    out["P+tRNS"] = with_trns
+    encoded = {}
+    for name, img in out.items():
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        encoded[name] = buf.getvalue()
+    encoded["truncated"] = encoded["L"][: len(encoded["L"]) // 2]
+    return encoded
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_png_fast_path_gives_exactly_what_pillow_gives(channels, monkeypatch):
+    """libspng decodes the common case; every PNG flavour must come out as Pillow's conversion would."""
+    import dlbatch.preprocess as pre
+
+    variants = _png_variants()
+    batch = pa.table({"id": list(range(len(variants))), "image": pa.array(list(variants.values())),
+                      "label": [0] * len(variants)})  # fmt: skip
+    spec = {**IMAGE_SPEC, "channels": channels}
+    fast = preprocess_batch(batch, spec)
+    monkeypatch.setattr(pre, "pyspng", None)  # the Pillow-only path, as on platforms without libspng
+    reference = preprocess_batch(batch, spec)
+    assert fast["reject_reason"].to_pylist() == reference["reject_reason"].to_pylist()
+    assert fast["reject_reason"].to_pylist()[-1].startswith("undecodable image")
+    np.testing.assert_array_equal(fast["x"], reference["x"])
+
+
+def test_png_fast_path_is_taken_for_plain_8_bit_pngs():
+    import dlbatch.preprocess as pre
+
+    if pre.pyspng is None:
+        pytest.skip("pyspng has no wheel for this platform")
+    variants = _png_variants()
+    assert pre._decode_png_fast(variants["L"], "L", 28, 28) is not None
+    assert pre._decode_png_fast(variants["RGB"], "RGB", 28, 28) is not None
+    assert pre._decode_png_fast(variants["RGB"], "L", 28, 28) is None  # needs a conversion: Pillow's job
