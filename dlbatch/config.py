@@ -84,6 +84,8 @@ class PredictConfig(_Frozen):
     # Inference actors (a fixed pool). None: sized to the cluster when the stage starts, one per
     # gpus_per_actor GPUs, or on CPUs one per cpus_per_actor CPUs after leaving 2 for reading and writing.
     num_actors: int | None = Field(default=None, ge=1)
+    # auto: an actor pool when gpus_per_actor > 0, else Ray tasks (dlbatch/predict.py use_actors).
+    compute: Literal["auto", "tasks", "actors"] = "auto"
     gpus_per_actor: float = Field(default=0.0, ge=0)
     cpus_per_actor: float = Field(default=1.0, gt=0)
 

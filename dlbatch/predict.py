@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 from typing import Any
 
@@ -11,6 +12,7 @@ import pyarrow.compute as pc
 import torch
 
 from dlbatch.checkpoint import load_model
+from dlbatch.cluster import use_assigned_cpus
 from dlbatch.models import fast_layout
 from dlbatch.preprocess import preprocess_batch
 
@@ -65,6 +67,7 @@ class Predictor:
     def __init__(
         self, ckpt_path: str, task_cfg: dict[str, Any], run_info: dict[str, Any], with_labels: bool = False
     ):
+        use_assigned_cpus()
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         with tempfile.TemporaryDirectory() as tmp:
             model, meta = load_model(_local_checkpoint(ckpt_path, tmp), self.device)
@@ -139,21 +142,61 @@ def actor_pool_size(pcfg: dict[str, Any], cluster: dict[str, float]) -> int:
     return max(1, int((cluster.get("CPU", 1) - READ_WRITE_CPUS) // pcfg["cpus_per_actor"]))
 
 
+# One Predictor per worker process for task-mode inference: built by the first batch a process sees,
+# reused by the later ones (the process outlives its tasks), rebuilt when another model or run comes.
+_PROCESS_PREDICTOR: dict[str, Predictor] = {}
+
+
+def predict_batch(
+    batch: pa.Table,
+    ckpt_path: str,
+    task_cfg: dict[str, Any],
+    run_info: dict[str, Any],
+    with_labels: bool = False,
+) -> pa.Table:
+    """``map_batches`` function for task mode: the process's cached Predictor scores the batch."""
+    key = json.dumps([ckpt_path, task_cfg, run_info, with_labels], sort_keys=True, default=str)
+    predictor = _PROCESS_PREDICTOR.get(key)
+    if predictor is None:
+        _PROCESS_PREDICTOR.clear()
+        predictor = _PROCESS_PREDICTOR[key] = Predictor(ckpt_path, task_cfg, run_info, with_labels)
+    return predictor(batch)
+
+
+def use_actors(pcfg: dict[str, Any]) -> bool:
+    """``compute: auto`` picks actors for GPU inference (one model per GPU, loaded once) and tasks on CPUs.
+
+    On CPUs, tasks run in Ray's already-started worker processes (torch preloaded, see PRELOAD_MODULES)
+    and Ray Data fuses read -> predict -> write into one task per file: no actor start-up (~4-5 s for a
+    fresh pool on 2 cores) and no hand-off of decoded batches through the object store. Measured on
+    50,000 PNGs, 2 cores: 4,600 images/s with tasks, 2,600 with a 2-actor pool."""
+    if pcfg["compute"] == "auto":
+        return pcfg["gpus_per_actor"] > 0
+    return pcfg["compute"] == "actors"
+
+
 def predict_dataset(
     ds, ckpt_path: str, task_cfg: dict[str, Any], run_info: dict[str, Any], with_labels: bool = False
 ):
-    """Lazy Ray Dataset of predictions over ``ds`` (raw rows), run on an actor pool from config."""
+    """Lazy Ray Dataset of predictions over ``ds`` (raw rows), on tasks or an actor pool (config)."""
     import ray
 
     pcfg = task_cfg["predict"]
+    kwargs = {"ckpt_path": ckpt_path, "task_cfg": task_cfg, "run_info": run_info, "with_labels": with_labels}
+    if not use_actors(pcfg):
+        return ds.map_batches(
+            predict_batch,
+            fn_kwargs=kwargs,
+            batch_format="pyarrow",
+            batch_size=pcfg["batch_size"],
+            num_cpus=pcfg["cpus_per_actor"],
+            # A task whose process dies (killed, OOM, node lost) is run again; its output file has a
+            # deterministic name, so a retry replaces rather than duplicates it (tests/test_faults.py).
+            max_retries=3,
+        )
     return ds.map_batches(
         Predictor,
-        fn_constructor_kwargs={
-            "ckpt_path": ckpt_path,
-            "task_cfg": task_cfg,
-            "run_info": run_info,
-            "with_labels": with_labels,
-        },
+        fn_constructor_kwargs=kwargs,
         batch_format="pyarrow",
         batch_size=pcfg["batch_size"],
         compute=ray.data.ActorPoolStrategy(size=actor_pool_size(pcfg, ray.cluster_resources())),

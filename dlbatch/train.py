@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlbatch.checkpoint import load_training_state, save_checkpoint
+from dlbatch.cluster import use_assigned_cpus
 from dlbatch.models import build_model, fast_layout, forward_batch
 
 FEATURES = {"image": ["x", "y"], "text": ["tokens", "length", "y"]}
@@ -83,6 +84,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    use_assigned_cpus()
     kind, tcfg = cfg["kind"], cfg["train"]
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()

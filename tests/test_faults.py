@@ -159,21 +159,28 @@ def test_prediction_job_killed_midway_leaves_nothing_visible_then_rerun_is_exact
     assert not (run_dir / "_staging").exists() or not list((run_dir / "_staging").iterdir())
 
 
-def test_inference_actor_killed_output_is_still_exact(trained_text, tmp_path):
+# Actors (the GPU path) are restarted with their batches retried; tasks (the CPU default) are retried.
+# The process title names what it runs: "ray::MapWorker(MapBatches(Predictor))" for a pool actor,
+# "ray::MapBatches(predict_batch)" for a worker while it runs a prediction task.
+@pytest.mark.parametrize(
+    "compute, title", [("actors", "MapWorker(MapBatches(Predictor))"), ("tasks", "MapBatches(predict_batch)")]
+)
+def test_inference_process_killed_output_is_still_exact(trained_text, tmp_path, compute, title):
     cfg, out, _, _, _ = trained_text
     score = _big_score_split(tmp_path, 40_000)
     from dlbatch.config import load_config
 
     overrides = [f"run_date={RUN_DATE}", "tasks=[text]", f"output_root={out}", f"text.data.score={score}",
-                 "text.predict.batch_size=128", "force=true"]  # fmt: skip
+                 "text.predict.batch_size=128", "force=true", f"text.predict.compute={compute}"]  # fmt: skip
+    staging = out / "runs" / RUN_DATE / "text" / "_staging"
     state: dict = {}
-    # Kill an actor that has been up for 3 s: model loaded, batches done and in flight.
+    # Kill once some predictions are written: the model is loaded and batches are done and in flight.
     killer = _kill_actor_when(
-        "MapWorker(MapBatches(Predictor))", lambda: True, state, new_processes_only=False, min_age_s=3.0
+        title, lambda: bool(list(staging.glob("predictions-*/*.parquet"))), state, new_processes_only=False
     )
     [summary] = run_predict(load_config(None, overrides))
     killer.join(timeout=1)
-    assert "killed_pid" in state, "no inference actor was killed: the test did not test anything"
+    assert "killed_pid" in state, f"no {compute} process was killed: the test did not test anything"
     assert summary["rows"]["score"] == {"read": 40_000, "used": 40_000, "rejected": 0}
     ids = (
         pads.dataset(out / "runs" / RUN_DATE / "text" / "predictions")

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).parents[1]
 
 
@@ -28,3 +30,19 @@ def test_training_workers_holding_every_cpu_do_not_hang_the_job(demo_root, tmp_p
         ) from err
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     assert "[text] test accuracy" in done.stdout
+
+
+@pytest.mark.parametrize("cpus", [1, 2])
+def test_workers_use_as_many_torch_threads_as_cpus_assigned(ray_cluster, cpus):
+    """Workers import torch before Ray assigns them CPUs (PRELOAD_MODULES); dlbatch's workers and actors
+    resize torch's pool to the assignment, or 1-CPU workers oversubscribe the machine."""
+    from dlbatch.cluster import use_assigned_cpus
+
+    @ray_cluster.remote(num_cpus=cpus)
+    def threads() -> tuple[bool, int]:
+        import sys
+
+        preloaded = "torch" in sys.modules  # imported by the worker's start, not by this task
+        return preloaded, use_assigned_cpus()
+
+    assert ray_cluster.get(threads.remote()) == (True, cpus)
