@@ -9,12 +9,6 @@ from dlbatch.config import JobConfig
 
 log = logging.getLogger(__name__)
 
-# Imported by every Ray worker process as it starts (the raylet's preload_python_modules; on a cluster the
-# RAY_preload_python_modules env var, see cluster.yaml). Ray pre-starts idle workers, so an inference
-# actor or a training worker lands in a process that has already paid for `import torch` (~2-4 s here):
-# two inference actors were ready in 0.4 s instead of 3.4 s. The price is ~150 MB more RSS per idle worker.
-PRELOAD_MODULES = ("torch", "ray.data", "ray.train.torch")
-
 
 def local_num_cpus(cfg: JobConfig) -> int:
     """Logical CPUs for a local cluster: the largest worker group plus room for Ray Data and inference.
@@ -34,10 +28,10 @@ def local_num_cpus(cfg: JobConfig) -> int:
 def use_assigned_cpus() -> int:
     """Size torch's intra-op thread pool to the CPUs Ray assigned to this worker/actor; returns it.
 
-    Ray exports OMP_NUM_THREADS for the assignment, but torch sizes its pool when it is first imported,
-    and with PRELOAD_MODULES that happens in a pre-started worker before any assignment: each 1-CPU
-    worker then ran 2 threads on this 2-core machine (GRU training 4x slower, measured). Call it first
-    thing in a worker or actor."""
+    Ray exports OMP_NUM_THREADS for the assignment, but torch sizes its pool when it is first imported:
+    in a worker process that imported torch earlier (a cluster started with RAY_preload_python_modules,
+    or a task before this one) the pool keeps the machine's core count, and each 1-CPU worker ran 2
+    threads on this 2-core machine (GRU training 4x slower, measured). Call it first in a worker/actor."""
     import torch
 
     threads = os.environ.get("OMP_NUM_THREADS", "")
@@ -77,5 +71,4 @@ def ensure_ray(cfg: JobConfig) -> None:
         dashboard_host="127.0.0.1",
         configure_logging=True,
         logging_level=logging.WARNING,
-        _system_config={"preload_python_modules": list(PRELOAD_MODULES)},
     )

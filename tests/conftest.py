@@ -12,8 +12,6 @@ import pytest
 def ray_cluster():
     import ray
 
-    from dlbatch.cluster import PRELOAD_MODULES
-
     # More logical CPUs than cores on purpose: training workers hold CPUs for a whole fit and Ray Data
     # still needs some (DESIGN.md pitfall 1). Loopback only.
     ray.init(
@@ -23,7 +21,6 @@ def ray_cluster():
         dashboard_host="127.0.0.1",
         logging_level="WARNING",
         runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}},
-        _system_config={"preload_python_modules": list(PRELOAD_MODULES)},  # as dlbatch's local clusters
     )
     yield ray
     ray.shutdown()

@@ -34,13 +34,3 @@ def test_dashboard_is_not_public_and_token_auth_is_on():
 def test_setup_installs_the_project():
     assert any("pip install" in c and "dlbatch" in c for c in CLUSTER["setup_commands"])
     assert "." in CLUSTER["file_mounts"].values()
-
-
-def test_nodes_preload_the_same_modules_as_local_clusters():
-    from dlbatch.cluster import PRELOAD_MODULES
-
-    expected = "RAY_preload_python_modules=" + ",".join(PRELOAD_MODULES)
-    for commands in (CLUSTER["head_start_ray_commands"], CLUSTER["worker_start_ray_commands"]):
-        assert all(expected in c for c in commands if "ray start" in c)
-    rayjob = (Path(__file__).parents[1] / "deploy" / "rayjob.yaml").read_text()
-    assert rayjob.count(",".join(PRELOAD_MODULES)) == 2  # head and worker group
