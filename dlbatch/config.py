@@ -87,7 +87,7 @@ class PredictConfig(_Frozen):
     # auto: an actor pool when gpus_per_actor > 0, else Ray tasks (dlbatch/predict.py use_actors).
     compute: Literal["auto", "tasks", "actors"] = "auto"
     gpus_per_actor: float = Field(default=0.0, ge=0)
-    cpus_per_actor: float = Field(default=1.0, gt=0)
+    cpus_per_actor: float = Field(default=1.0, gt=0)  # per actor, or per task in task mode
 
 
 class TaskConfig(_Frozen):
