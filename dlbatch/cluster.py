@@ -28,10 +28,10 @@ def local_num_cpus(cfg: JobConfig) -> int:
 def use_assigned_cpus() -> int:
     """Size torch's intra-op thread pool to the CPUs Ray assigned to this worker/actor; returns it.
 
-    Ray exports OMP_NUM_THREADS for the assignment, but torch sizes its pool when it is first imported:
-    in a worker process that imported torch earlier (a cluster started with RAY_preload_python_modules,
-    or a task before this one) the pool keeps the machine's core count, and each 1-CPU worker ran 2
-    threads on this 2-core machine (GRU training 4x slower, measured). Call it first in a worker/actor."""
+    Ray exports OMP_NUM_THREADS for the assignment, but torch sizes its pool when it is first imported.
+    Where workers import torch before that (measured with a cluster started with
+    RAY_preload_python_modules=torch) every 1-CPU worker kept the machine's core count: 2 threads on this
+    2-core machine, GRU training 4x slower. Call it first in a worker or actor."""
     import torch
 
     threads = os.environ.get("OMP_NUM_THREADS", "")

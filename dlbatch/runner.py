@@ -6,6 +6,7 @@ Each ``run_*`` takes a ``JobConfig`` and returns the summary dict that it also w
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 import time
@@ -49,7 +50,9 @@ def _paths(cfg: JobConfig, task: Task) -> RunPaths:
     return run_paths(cfg.output_root, task, cfg.effective_run_date().isoformat())
 
 
+@functools.cache
 def _versions() -> dict[str, str | None]:
+    """Package versions and git commit, once per process (the same for every task of a run)."""
     import importlib.metadata
     import subprocess
 
@@ -80,7 +83,7 @@ def _task_summary(result: TaskResult, started: float, cfg: JobConfig | None = No
     return {
         "task": result.task,
         "run_id": result.run_id,
-        "versions": _versions(),
+        "versions": dict(_versions()),
         "config": cfg.task(result.task).model_dump(mode="json") if cfg else None,
         "test_accuracy": result.metrics.get("test_accuracy"),
         "metrics": result.metrics,

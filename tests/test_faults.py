@@ -26,9 +26,9 @@ REPO = Path(__file__).parents[1]
 RUN_DATE = "2026-11-25"
 
 
-def _actor_pids(class_name: str, started_after: float | None, min_age_s: float = 0.0) -> list[int]:
-    """PIDs of live Ray actor processes of ``class_name``, from their process titles (``ray::Class...``),
-    started after ``started_after`` (actors of earlier tests may still be exiting).
+def _ray_process_pids(title: str, started_after: float | None) -> list[int]:
+    """PIDs of live Ray worker processes whose title starts with ``ray::{title}`` (an actor class, or the
+    task a worker is running), started after ``started_after`` (actors of earlier tests may still be exiting).
 
     Read from the OS, not Ray's state API: that API can time out on a loaded 2-core machine."""
     pids = []
@@ -36,30 +36,24 @@ def _actor_pids(class_name: str, started_after: float | None, min_age_s: float =
         cmdline = " ".join(proc.info["cmdline"] or [])
         alive = proc.info["status"] not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
         created = proc.info["create_time"]
-        fresh = (started_after is None or created >= started_after) and created <= time.time() - min_age_s
-        if cmdline.startswith(f"ray::{class_name}") and fresh and alive:
+        fresh = started_after is None or created >= started_after
+        if cmdline.startswith(f"ray::{title}") and fresh and alive:
             pids.append(proc.pid)
     return pids
 
 
-def _kill_actor_when(
-    class_name: str,
-    ready,
-    state: dict,
-    timeout: float = 240,
-    new_processes_only: bool = True,
-    min_age_s: float = 0.0,
+def _kill_process_when(
+    title: str, ready, state: dict, timeout: float = 240, new_processes_only: bool = True
 ) -> threading.Thread:
-    """SIGKILL one live actor process of ``class_name`` once ``ready()`` is true; records what it killed.
-
-    ``new_processes_only=False`` for actors that Ray may place in an already running (idle) worker process."""
+    """SIGKILL one live Ray process titled ``ray::{title}...`` once ``ready()`` is true; records what it
+    killed. ``new_processes_only=False`` for work Ray may run in an already started (idle) worker process."""
 
     started = time.time() if new_processes_only else None
 
     def run():
         deadline = time.time() + timeout
         while time.time() < deadline and "killed_pid" not in state:
-            pids = _actor_pids(class_name, started, min_age_s) if ready() else []
+            pids = _ray_process_pids(title, started) if ready() else []
             if pids:
                 os.kill(pids[0], signal.SIGKILL)
                 state["killed_pid"], state["killed_at"] = pids[0], time.time()
@@ -73,7 +67,7 @@ def _kill_actor_when(
 
 @pytest.fixture(scope="module")
 def trained_text(ray_cluster, demo_root, tmp_path_factory):
-    """A text model trained while one training worker is killed after the first checkpoint."""
+    """A text model trained while one training worker is killed once two checkpoints are registered."""
     out = tmp_path_factory.mktemp("faults")
     cfg = config_for(
         out,
@@ -87,7 +81,7 @@ def trained_text(ray_cluster, demo_root, tmp_path_factory):
     state: dict = {}
     # Kill once the controller has *registered* two checkpoints (its snapshot file): checkpoint files on
     # disk are not enough, one still being reported when a worker dies is dropped and not resumed from.
-    killer = _kill_actor_when("RayTrainWorker", lambda: registered_checkpoints(storage) >= 2, state)
+    killer = _kill_process_when("RayTrainWorker", lambda: registered_checkpoints(storage) >= 2, state)
     started = time.time()
     [summary] = run_train(cfg)
     killer.join(timeout=1)
@@ -175,7 +169,7 @@ def test_inference_process_killed_output_is_still_exact(trained_text, tmp_path, 
     staging = out / "runs" / RUN_DATE / "text" / "_staging"
     state: dict = {}
     # Kill once some predictions are written: the model is loaded and batches are done and in flight.
-    killer = _kill_actor_when(
+    killer = _kill_process_when(
         title, lambda: bool(list(staging.glob("predictions-*/*.parquet"))), state, new_processes_only=False
     )
     [summary] = run_predict(load_config(None, overrides))

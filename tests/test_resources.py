@@ -34,8 +34,8 @@ def test_training_workers_holding_every_cpu_do_not_hang_the_job(demo_root, tmp_p
 
 @pytest.mark.parametrize("cpus", [1, 2])
 def test_workers_use_as_many_torch_threads_as_cpus_assigned(ray_cluster, cpus):
-    """A worker that imported torch before its CPU assignment (an earlier task, or a cluster that preloads
-    torch) keeps a pool sized to the machine; dlbatch's workers and actors resize it to the assignment."""
+    """A worker that imported torch before its CPU assignment (a cluster that preloads torch) keeps a
+    pool sized to the machine; dlbatch's workers and actors resize it to the assignment."""
     from dlbatch.cluster import use_assigned_cpus
 
     @ray_cluster.remote(num_cpus=cpus)
