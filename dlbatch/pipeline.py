@@ -334,6 +334,9 @@ def predict_scores(
     used, rejected = publish_split(
         paths.fs, staged, pred_dir, paths.path("rejects", "score"), keep, [id_column, *REJECT_COLUMNS]
     )
+    # Again after publishing: a task of a killed attempt that was still running when this run started
+    # may have written its block into that attempt's staging directory since.
+    remove_if_exists(paths.fs, paths.path("_staging"))
     counts = Counts(read=info.num_rows, used=used, rejected=rejected)
     counts.check(f"{task}/score")
     result.rows["score"] = counts

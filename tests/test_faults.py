@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -112,6 +113,19 @@ def test_rerun_of_finished_training_does_not_retrain(trained_text):
     assert time.time() - started < 60
 
 
+def _kill_tree(job: subprocess.Popen) -> None:
+    """SIGKILL a job and its private Ray instance at once, as when its machine or pod dies. Ray starts each
+    worker in its own process group, so killing the job's group alone leaves workers that can still finish
+    a block and write it into the dead attempt's staging directory after the rerun has cleaned it."""
+    tree = psutil.Process(job.pid).children(recursive=True)
+    os.killpg(job.pid, signal.SIGKILL)
+    for proc in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    job.wait()
+    psutil.wait_procs(tree, timeout=30)
+
+
 def _big_score_split(root: Path, rows: int) -> Path:
     score = root / "score-big"
     score.mkdir()
@@ -136,8 +150,7 @@ def test_prediction_job_killed_midway_leaves_nothing_visible_then_rerun_is_exact
         assert job.poll() is None, "the job ended before it was killed"
         assert time.time() < deadline
         time.sleep(0.1)
-    os.killpg(job.pid, signal.SIGKILL)
-    job.wait()
+    _kill_tree(job)
 
     # Killed mid-write: readers see no predictions at all (no directory, no _SUCCESS).
     assert not (run_dir / "predictions").exists()
