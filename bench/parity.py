@@ -2,13 +2,14 @@
 
 Same demo data, same preprocessing, model, epochs and *global* batch size (workers x per-worker batch).
 
-    python bench/parity.py [key=value overrides...]      # prints one line per task, writes parity.json
+    python bench/parity.py [key=value overrides...]      # prints one line per task, writes bench/parity.json
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from plain import accuracy, load_split, spec_for, train_plain
 
@@ -36,8 +37,7 @@ def main(overrides: list[str]) -> dict:
         print(
             f"{task}: dlbatch {ray_acc:.2%}  plain PyTorch {plain_acc:.2%}  diff {report[task]['diff_points']:+.2f} points"
         )
-    with open("parity.json", "w") as fh:
-        json.dump(report, fh, indent=2)
+    (Path(__file__).parent / "parity.json").write_text(json.dumps(report, indent=2))
     return report
 
 

@@ -66,9 +66,8 @@ def ensure_ray(cfg: JobConfig) -> None:
     ray.init(
         address="local",  # always a private instance: never attach to a cluster that merely runs here
         num_cpus=local_num_cpus(cfg),
-        # The dashboard serves the state API that Ray Train's controller polls; keep it on loopback.
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
+        include_dashboard=cfg.cluster.local_dashboard,
+        dashboard_host="127.0.0.1",  # if on, loopback only
         configure_logging=True,
         logging_level=logging.WARNING,
     )

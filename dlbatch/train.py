@@ -40,6 +40,14 @@ def _batches(shard, kind: str, batch_size: int, device: torch.device):
     )
 
 
+def _noting_first(batches, noted: list[float]):
+    """Pass batches through; append the wall-clock time of the first one to ``noted``."""
+    for batch in batches:
+        if not noted:
+            noted.append(time.time())
+        yield batch
+
+
 def train_epoch(model: nn.Module, optimizer, batches, kind: str, device: torch.device) -> tuple[float, int]:
     """One pass over the shard. Returns (summed loss, samples)."""
     model.train()
@@ -104,14 +112,19 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
+    # A small validation set is not split across workers (see pipeline.VAL_SPLIT_MIN_ROWS): rank 0 scores
+    # all of it, the others add zeros to the sums below.
+    score_val = cfg["val_split"] or rank == 0
+    first_batch_at: list[float] = []
     for epoch in range(start_epoch, tcfg["epochs"]):
         t0 = time.perf_counter()
-        loss_sum, seen = train_epoch(
-            model, optimizer, _batches(train_shard, kind, tcfg["batch_size"], device), kind, device
-        )
+        batches = _batches(train_shard, kind, tcfg["batch_size"], device)
+        loss_sum, seen = train_epoch(model, optimizer, _noting_first(batches, first_batch_at), kind, device)
         train_s = time.perf_counter() - t0
-        val_loss, correct, val_seen = eval_epoch(
-            model, _batches(val_shard, kind, tcfg["batch_size"], device), kind, device
+        val_loss, correct, val_seen = (
+            eval_epoch(model, _batches(val_shard, kind, tcfg["batch_size"], device), kind, device)
+            if score_val
+            else (0.0, 0, 0)
         )
         loss_sum, seen, val_loss, correct, val_seen, sum_train_s = _all_reduce(
             [loss_sum, seen, val_loss, correct, val_seen, train_s], device
@@ -121,9 +134,13 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             "train_loss": loss_sum / max(seen, 1),
             "val_loss": val_loss / max(val_seen, 1),
             "val_accuracy": correct / max(val_seen, 1),
+            "val_rows": int(val_seen),
             "samples_per_s": seen / max(sum_train_s / ctx.get_world_size(), 1e-9),
             "epoch_s": time.perf_counter() - t0,
             "resumed_from_epoch": start_epoch - 1 if start_epoch else None,
+            # Seconds from the driver's fit() to this worker group's first training batch: controller and
+            # worker start, process group, model, dataset shards. One host's clock: exact on one machine.
+            "first_batch_after_s": first_batch_at[0] - cfg["fit_started_at"] if first_batch_at else None,
         }
         history.append(metrics)
         if rank == 0:
