@@ -112,9 +112,6 @@ class ClusterConfig(_Frozen):
     # Logical CPUs of a local cluster. Above the machine's cores on purpose: training workers each hold one,
     # and Ray Data must still get CPUs or the job hangs (DESIGN.md pitfall 1).
     local_num_cpus: int | None = None
-    # The dashboard of a local cluster (127.0.0.1:8265). Off by default: a batch run has no one watching, and
-    # its ~10 processes cost ~1.3 s of start on a 2-core machine. Clusters started with `ray start` keep theirs.
-    local_dashboard: bool = False
 
 
 class JobConfig(_Frozen):
