@@ -44,11 +44,12 @@ def train_plain(
     lr: float,
     seed: int = 0,
     channels_last: bool = False,
+    device: str = "cpu",
 ) -> tuple[torch.nn.Module, list[dict[str, float]]]:
     """``channels_last``: the CNN in the layout dlbatch trains it in (``fast_layout``); off, the model as
-    plain PyTorch builds it."""
+    plain PyTorch builds it. On ``cuda`` the data is moved batch by batch, as a plain loop would."""
     torch.manual_seed(seed)
-    model = build_model(kind, meta["model_args"])
+    model = build_model(kind, meta["model_args"]).to(device)
     if channels_last:
         model = fast_layout(model)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -57,10 +58,13 @@ def train_plain(
         model.train()
         t0 = time.perf_counter()
         for batch in batches(train, batch_size):
+            batch = {k: v.to(device) for k, v in batch.items()}
             loss = F.cross_entropy(forward_batch(model, kind, batch), batch["y"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+        if device != "cpu":
+            torch.cuda.synchronize()
         train_s = time.perf_counter() - t0
         history.append(
             {
@@ -69,14 +73,18 @@ def train_plain(
                 "val_accuracy": accuracy(model, kind, val),
             }
         )
-    return model, history
+    return model.cpu(), history
 
 
 @torch.inference_mode()
 def accuracy(model: torch.nn.Module, kind: str, data: dict) -> float:
     model.eval()
+    device = next(model.parameters()).device
     correct = sum(
-        (forward_batch(model, kind, b).argmax(1) == b["y"]).sum().item() for b in batches(data, 1024)
+        (forward_batch(model, kind, {k: v.to(device) for k, v in b.items()}).argmax(1).cpu() == b["y"])
+        .sum()
+        .item()
+        for b in batches(data, 1024)
     )
     return correct / len(data["y"])
 

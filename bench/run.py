@@ -18,7 +18,9 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -45,12 +47,19 @@ from dlbatch.runner import run_predict, run_train
 HERE = Path(__file__).parent
 
 
-def matmul_flops(n: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.rand(n, n), torch.rand(n, n)
+def matmul_flops(device: str = "cpu", n: int = 2048, repeats: int = 10) -> float:
+    """Measured fp32 matmul FLOP/s of the device (on GPU: 8192^2, TF32 off as torch defaults it)."""
+    if device != "cpu":
+        n, repeats = 8192, 20
+    a, b = torch.rand(n, n, device=device), torch.rand(n, n, device=device)
     a @ b
+    if device != "cpu":
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(repeats):
         a @ b
+    if device != "cpu":
+        torch.cuda.synchronize()
     return 2 * n**3 * repeats / (time.perf_counter() - t0)
 
 
@@ -105,23 +114,60 @@ class PeakRSS:
         self._thread.join()
 
 
+class GpuUtilization:
+    """``nvidia-smi``'s utilization.gpu every 100 ms with wall-clock stamps; no samples without a GPU."""
+
+    def __enter__(self):
+        self.samples: list[tuple[float, float]] = []
+        exe = shutil.which("nvidia-smi")
+        query = ["--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "100"]
+        self._proc = subprocess.Popen([exe, *query], stdout=subprocess.PIPE, text=True) if exe else None
+        if self._proc is not None:
+            self._thread = threading.Thread(target=self._read, daemon=True)
+            self._thread.start()
+        return self
+
+    def _read(self):
+        for line in self._proc.stdout:
+            with contextlib.suppress(ValueError):
+                self.samples.append((time.time(), float(line.strip())))
+
+    def __exit__(self, *exc):
+        if self._proc is not None:
+            self._proc.terminate()
+            self._thread.join(timeout=5)
+
+    def mean(self, windows: list[tuple[float, float]] | None = None) -> float | None:
+        """Mean utilization (%) over samples inside any (start, end) window; all samples without windows."""
+        values = [v for t, v in self.samples if windows is None or any(a <= t <= b for a, b in windows)]
+        return statistics.mean(values) if values else None
+
+
+def train_windows(history: list[dict]) -> list[tuple[float, float]]:
+    """Wall-clock windows of the steady epochs' training passes (the first epoch's start-up left out)."""
+    return [(h["train_started_at"], h["train_started_at"] + h["train_s"]) for h in history[1:]]
+
+
 def steady(history: list[dict]) -> float:
     return statistics.median(h["samples_per_s"] for h in history[1:])
 
 
-def bench_training(root: str, train_rows: int, epochs: int, repeats: int) -> dict:
+def bench_training(root: str, train_rows: int, epochs: int, repeats: int, gpus: int) -> dict:
     """Per task, ``repeats`` alternating rounds of dlbatch then the plain loop(s); medians of the rounds'
     steady-state samples/s (each round's own figure is the median of its epochs after the first)."""
     out = {}
     for task in ("image", "text"):
         runs: dict[str, list[float]] = {"dlbatch": [], "plain": [], "plain_same_layout": []}
-        excess, stage, first_batch = [], [], []
+        excess, stage, first_batch, gpu_util = [], [], [], []
+        on_gpu = [f"{task}.train.use_gpu=true", f"{task}.train.num_workers={gpus}"] if gpus else []
         for rep in range(repeats):
             cfg = load_config(None, [f"tasks=[{task}]", f"output_root={root}/train-{task}-{rep}",
                                      f"demo_rows={train_rows}", f"{task}.train.epochs={epochs}",
-                                     "run_date=2026-01-01"])  # fmt: skip
-            [summary] = run_train(cfg)
+                                     "run_date=2026-01-01", *on_gpu])  # fmt: skip
+            with GpuUtilization() as util:
+                [summary] = run_train(cfg)
             hist = summary["history"]
+            gpu_util.append(util.mean(train_windows(hist)))
             runs["dlbatch"].append(steady(hist))
             stage.append(summary["durations_s"]["train"])
             first_batch.append(summary["durations_s"]["train_first_batch"])
@@ -139,7 +185,8 @@ def bench_training(root: str, train_rows: int, epochs: int, repeats: int) -> dic
                 [("plain_same_layout", True)] if task == "image" else []
             ):
                 _, plain_hist = train_plain(task, data.meta, train, val, epochs, tcfg.batch_size * tcfg.num_workers,
-                                            tcfg.lr, channels_last=channels_last)  # fmt: skip
+                                            tcfg.lr, channels_last=channels_last,
+                                            device="cuda" if gpus else "cpu")  # fmt: skip
                 runs[name].append(steady(plain_hist))
         out[task] = {
             "repeats": repeats,
@@ -152,6 +199,7 @@ def bench_training(root: str, train_rows: int, epochs: int, repeats: int) -> dic
             "train_stage_s": statistics.median(stage),
             "worker_group_start_and_first_epoch_excess_s": statistics.median(excess),
             "fit_to_first_batch_s": statistics.median(first_batch),
+            "gpu_utilization_pct": statistics.median(gpu_util) if None not in gpu_util else None,
             "model_dir": summary["paths"]["model"],
         }
         out[task]["ratio"] = out[task]["dlbatch_samples_per_s"] / out[task]["plain_samples_per_s"]
@@ -175,13 +223,16 @@ def pillow_pixels(images: pa.Array) -> np.ndarray:
     return np.stack(decoded)[:, None].astype(np.float32) * np.float32(1 / 255)
 
 
-def plain_inference(score: Path, model_dir: str, out: Path, fast: bool = False, batch: int = 512) -> float:
+def plain_inference(
+    score: Path, model_dir: str, out: Path, fast: bool = False, batch: int = 512, device: str = "cpu"
+) -> float:
     """pyarrow + Pillow + torch in one process: read batches, decode, predict, write Parquet.
 
     ``fast``: the same loop with dlbatch's two single-process speedups (libspng PNG decoding through
     ``preprocess_batch`` and the channels_last CNN), so the ratio against it is what Ray itself adds."""
     t0 = time.perf_counter()
     model, meta = load_model(model_dir)
+    model = model.to(device)
     spec = spec_for("image", meta)
     if fast:
         model = fast_layout(model)
@@ -193,8 +244,8 @@ def plain_inference(score: Path, model_dir: str, out: Path, fast: bool = False, 
                 ids, x = cols["id"], cols["x"]
             else:
                 ids, x = record_batch.column("id"), pillow_pixels(record_batch.column("image"))
-            probs = torch.softmax(model(torch.from_numpy(x)), 1)
-            conf, pred = probs.max(1)
+            probs = torch.softmax(model(torch.from_numpy(x).to(device)), 1)
+            conf, pred = (t.cpu() for t in probs.max(1))
             table = pa.table({"id": ids, "pred_index": pred.numpy(), "confidence": conf.numpy()})
             writer = writer or pq.ParquetWriter(out, table.schema)
             writer.write_table(table)
@@ -202,21 +253,25 @@ def plain_inference(score: Path, model_dir: str, out: Path, fast: bool = False, 
     return time.perf_counter() - t0
 
 
-def bench_inference(root: str, model_dir: str, rows: int, actors: int | None, repeats: int) -> dict:
+def bench_inference(
+    root: str, model_dir: str, rows: int, actors: int | None, repeats: int, gpus: int
+) -> dict:
     score = write_score_set(Path(root) / f"score-{rows}", rows)
     overrides = ["tasks=[image]", f"output_root={root}/infer", f"image.data.score={score}", "run_date=2026-01-01",
-                 "force=true", *([f"image.predict.num_actors={actors}"] if actors else [])]  # fmt: skip
-    ours, plain, plain_fast, peaks = [], [], [], []
+                 "force=true", *([f"image.predict.num_actors={actors}"] if actors else []),
+                 *(["image.predict.gpus_per_actor=1"] if gpus else [])]  # fmt: skip
+    device = "cuda" if gpus else "cpu"
+    ours, plain, plain_fast, peaks, gpu_util = [], [], [], [], []
     for _ in range(repeats):  # alternate, so load on this shared machine hits both sides alike
-        with PeakRSS() as mem:
+        with PeakRSS() as mem, GpuUtilization() as util:
             [summary] = run_predict(load_config(None, overrides), model=model_dir)
         ours.append(rows / summary["durations_s"]["predict"])
         peaks.append(mem.peak)
+        gpu_util.append(util.mean())
         torch.set_num_threads(os.cpu_count() or 1)
-        plain.append(rows / plain_inference(score, model_dir, Path(root) / "plain-preds.parquet"))
-        plain_fast.append(
-            rows / plain_inference(score, model_dir, Path(root) / "plain-preds.parquet", fast=True)
-        )
+        out = Path(root) / "plain-preds.parquet"
+        plain.append(rows / plain_inference(score, model_dir, out, device=device))
+        plain_fast.append(rows / plain_inference(score, model_dir, out, fast=True, device=device))
     return {
         "rows": rows,
         "repeats": repeats,
@@ -225,6 +280,8 @@ def bench_inference(root: str, model_dir: str, rows: int, actors: int | None, re
         "plain_same_fast_paths_images_per_s": statistics.median(plain_fast),
         "all_runs": {"dlbatch": ours, "plain": plain, "plain_same_fast_paths": plain_fast},
         "peak_rss_bytes": max(peaks),
+        # Over the whole scoring run, start-up included.
+        "gpu_utilization_pct": statistics.median(gpu_util) if None not in gpu_util else None,
     }
 
 
@@ -239,7 +296,15 @@ def main() -> int:
     parser.add_argument(
         "--repeats", type=int, default=3, help="runs per side, training and inference (medians reported)"
     )
+    parser.add_argument(
+        "--gpu",
+        action="store_true",
+        help="train on every GPU (one worker each), score with one actor per GPU",
+    )
     args = parser.parse_args()
+    gpus = torch.cuda.device_count() if args.gpu else 0
+    if args.gpu and not gpus:
+        parser.error("--gpu: torch sees no CUDA device")
 
     import ray
 
@@ -250,10 +315,12 @@ def main() -> int:
     ensure_ray(load_config(None, []))
     ray_start_s = time.perf_counter() - t0
     results: dict = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "ray": ray.__version__}}
-    results["training"] = bench_training(root, args.train_rows, args.epochs, args.repeats)
+    if gpus:
+        results["machine"]["gpus"] = [torch.cuda.get_device_name(i) for i in range(gpus)]
+    results["training"] = bench_training(root, args.train_rows, args.epochs, args.repeats, gpus)
     model_dir = results["training"]["image"]["model_dir"]
-    small = bench_inference(root, model_dir, args.infer_rows // 10, args.actors, 1)
-    large = bench_inference(root, model_dir, args.infer_rows, args.actors, args.repeats)
+    small = bench_inference(root, model_dir, args.infer_rows // 10, args.actors, 1, gpus)
+    large = bench_inference(root, model_dir, args.infer_rows, args.actors, args.repeats, gpus)
     results["inference"] = {
         **large,
         "ratio": large["dlbatch_images_per_s"] / large["plain_images_per_s"],
@@ -272,7 +339,7 @@ def main() -> int:
     }
     model, _ = load_model(model_dir)
     flops = cnn_flops_per_sample(model)
-    peak = matmul_flops()
+    peak = matmul_flops("cuda" if gpus else "cpu")
     results["flops"] = {
         "cnn_forward_flops_per_sample": flops,
         "machine_fp32_matmul_flops": peak,
@@ -303,6 +370,13 @@ def main() -> int:
         f"fixed cost: {fixed['total']:.1f} s = Ray start {ray_start_s:.1f} s + fit() to first batch {fixed['worker_group_and_first_batch']:.1f} s"
         f" (a fit's whole overhead beyond steady epochs, teardown included: {fixed['fit_overhead_beyond_steady_epochs']:.1f} s)"
     )
+    if gpus:
+        print(
+            "GPU utilization: training CNN {}, GRU {} (steady epochs' training passes); inference {} (whole run)".format(
+                *(f"{v:.0f}%" if v is not None else "n/a" for v in (image["gpu_utilization_pct"],
+                  results["training"]["text"]["gpu_utilization_pct"], large["gpu_utilization_pct"]))
+            )
+        )  # fmt: skip
     print(
         f"CNN FLOP/s fraction of fp32 matmul peak ({peak / 1e9:.0f} GFLOP/s): train {results['flops']['train_fraction']:.1%}, inference {results['flops']['inference_fraction']:.1%}"
     )

@@ -117,7 +117,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     score_val = cfg["val_split"] or rank == 0
     first_batch_at: list[float] = []
     for epoch in range(start_epoch, tcfg["epochs"]):
-        t0 = time.perf_counter()
+        t0, started_at = time.perf_counter(), time.time()
         batches = _batches(train_shard, kind, tcfg["batch_size"], device)
         loss_sum, seen = train_epoch(model, optimizer, _noting_first(batches, first_batch_at), kind, device)
         train_s = time.perf_counter() - t0
@@ -137,6 +137,10 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             "val_rows": int(val_seen),
             "samples_per_s": seen / max(sum_train_s / ctx.get_world_size(), 1e-9),
             "epoch_s": time.perf_counter() - t0,
+            # Wall clock of the training pass (rank 0's start, mean length): lines up with other samplers,
+            # e.g. the benchmark's GPU utilization.
+            "train_started_at": started_at,
+            "train_s": sum_train_s / ctx.get_world_size(),
             "resumed_from_epoch": start_epoch - 1 if start_epoch else None,
             # Seconds from the driver's fit() to this worker group's first training batch: controller and
             # worker start, process group, model, dataset shards. One host's clock: exact on one machine.
