@@ -35,10 +35,6 @@ from dlbatch.train import FEATURES, train_loop_per_worker
 
 log = logging.getLogger("dlbatch")
 REJECT_COLUMNS = ["source", "reject_reason"]
-# Below this many validation rows, rank 0 scores the whole validation set each epoch instead of splitting it
-# across workers. A split costs a coordinator actor (a process start and its polling, measured ~3 s per fit
-# on 2 cores); scoring 100,000 rows on one worker costs ~1 s of a GPU or a small share of a CPU epoch.
-VAL_SPLIT_MIN_ROWS = 100_000
 
 
 @dataclass
@@ -194,7 +190,6 @@ def train_model(cfg: JobConfig, task: Task, data: TaskData, paths: RunPaths, res
     result.durations_s["preprocess"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    val_split = tcfg.num_workers > 1 and result.rows["val"].used >= VAL_SPLIT_MIN_ROWS
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -202,7 +197,6 @@ def train_model(cfg: JobConfig, task: Task, data: TaskData, paths: RunPaths, res
             "model_args": data.meta["model_args"],
             "train": tcfg.model_dump(),
             "meta": data.meta,
-            "val_split": val_split,
             "fit_started_at": time.time(),
         },
         scaling_config=ray.train.ScalingConfig(
@@ -220,7 +214,6 @@ def train_model(cfg: JobConfig, task: Task, data: TaskData, paths: RunPaths, res
             ),
         ),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split="all" if val_split else ["train"]),
     )
     fit = trainer.fit()
     result.durations_s["train"] = time.perf_counter() - t0

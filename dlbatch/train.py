@@ -112,19 +112,14 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
-    # A small validation set is not split across workers (see pipeline.VAL_SPLIT_MIN_ROWS): rank 0 scores
-    # all of it, the others add zeros to the sums below.
-    score_val = cfg["val_split"] or rank == 0
     first_batch_at: list[float] = []
     for epoch in range(start_epoch, tcfg["epochs"]):
         t0, started_at = time.perf_counter(), time.time()
         batches = _batches(train_shard, kind, tcfg["batch_size"], device)
         loss_sum, seen = train_epoch(model, optimizer, _noting_first(batches, first_batch_at), kind, device)
         train_s = time.perf_counter() - t0
-        val_loss, correct, val_seen = (
-            eval_epoch(model, _batches(val_shard, kind, tcfg["batch_size"], device), kind, device)
-            if score_val
-            else (0.0, 0, 0)
+        val_loss, correct, val_seen = eval_epoch(
+            model, _batches(val_shard, kind, tcfg["batch_size"], device), kind, device
         )
         loss_sum, seen, val_loss, correct, val_seen, sum_train_s = _all_reduce(
             [loss_sum, seen, val_loss, correct, val_seen, train_s], device

@@ -7,7 +7,6 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import config_for
 
-from dlbatch import pipeline
 from dlbatch.runner import run_nightly, run_predict
 from dlbatch.store import SUCCESS
 
@@ -16,16 +15,8 @@ def _rows(path) -> int:
     return pads.dataset(path, format="parquet").count_rows()
 
 
-# The image run splits its validation set across the two workers as a large one would be; the text run
-# keeps the default for a small one (rank 0 scores all of it). Either way each epoch scores every row once.
-@pytest.mark.parametrize(
-    ("task", "chance", "min_acc", "split_val"), [("image", 0.10, 0.60, True), ("text", 0.25, 0.60, False)]
-)
-def test_nightly_trains_evaluates_and_predicts(
-    ray_cluster, demo_root, tmp_path, monkeypatch, task, chance, min_acc, split_val
-):
-    if split_val:
-        monkeypatch.setattr(pipeline, "VAL_SPLIT_MIN_ROWS", 1)
+@pytest.mark.parametrize(("task", "chance", "min_acc"), [("image", 0.10, 0.60), ("text", 0.25, 0.60)])
+def test_nightly_trains_evaluates_and_predicts(ray_cluster, demo_root, tmp_path, task, chance, min_acc):
     extra = ["text.data.passthrough_columns=[text]"] if task == "text" else []
     cfg = config_for(
         tmp_path, task, demo_root, f"{task}.train.epochs=2", f"{task}.train.batch_size=32", *extra
