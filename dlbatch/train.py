@@ -124,18 +124,19 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         loss_sum, seen, val_loss, correct, val_seen, sum_train_s = _all_reduce(
             [loss_sum, seen, val_loss, correct, val_seen, train_s], device
         )
+        train_s = sum_train_s / ctx.get_world_size()  # mean over ranks
         metrics = {
             "epoch": epoch,
             "train_loss": loss_sum / max(seen, 1),
             "val_loss": val_loss / max(val_seen, 1),
             "val_accuracy": correct / max(val_seen, 1),
             "val_rows": int(val_seen),
-            "samples_per_s": seen / max(sum_train_s / ctx.get_world_size(), 1e-9),
+            "samples_per_s": seen / max(train_s, 1e-9),
             "epoch_s": time.perf_counter() - t0,
             # Wall clock of the training pass (rank 0's start, mean length): lines up with other samplers,
             # e.g. the benchmark's GPU utilization.
             "train_started_at": started_at,
-            "train_s": sum_train_s / ctx.get_world_size(),
+            "train_s": train_s,
             "resumed_from_epoch": start_epoch - 1 if start_epoch else None,
             # Seconds from the driver's fit() to this worker group's first training batch: controller and
             # worker start, process group, model, dataset shards. One host's clock: exact on one machine.
