@@ -31,7 +31,7 @@ from dlbatch.store import (
     remove_if_exists,
     staging_dir,
 )
-from dlbatch.train import FEATURES, train_loop_per_worker
+from dlbatch.train import FEATURES, shard_name, train_loop_per_worker
 
 log = logging.getLogger("dlbatch")
 REJECT_COLUMNS = ["source", "reject_reason"]
@@ -171,6 +171,28 @@ def prepare_training_split(
     return ok
 
 
+def split_for_ranks(datasets: dict[str, Any], num_workers: int) -> dict[str, Any]:
+    """Each rank's part of the materialized splits, cut once on the driver: ``{shard_name: dataset}``.
+
+    Ray Train's default would stream-split every split at every epoch through one coordinator actor per
+    split: two more processes per fit, started last, on the way to the first batch (~4 s of the fit's
+    fixed cost on 2 cores, measured). The data is already materialized, so a static split costs nothing.
+    Training parts are equal (DDP ranks must take the same number of steps; up to ``num_workers - 1``
+    rows are left out, as ``streaming_split(equal=True)`` did); validation keeps every row.
+    """
+    out = {}
+    for split, ds in datasets.items():
+        if num_workers == 1:
+            parts = [ds]
+        elif split == "train":
+            parts = ds.split(num_workers, equal=True)
+        else:
+            rows = ds.count()
+            parts = ds.split_at_indices([rows * k // num_workers for k in range(1, num_workers)])
+        out.update({shard_name(split, rank): part for rank, part in enumerate(parts)})
+    return out
+
+
 def train_model(cfg: JobConfig, task: Task, data: TaskData, paths: RunPaths, result: TaskResult) -> str:
     """Fit with Ray Train; publish the best checkpoint (by val accuracy) to ``runs/<date>/<task>/model``."""
     import ray.train
@@ -205,6 +227,8 @@ def train_model(cfg: JobConfig, task: Task, data: TaskData, paths: RunPaths, res
             resources_per_worker={"CPU": tcfg.cpus_per_worker, **({"GPU": 1} if tcfg.use_gpu else {})},
             placement_strategy=tcfg.placement_strategy,
         ),
+        datasets=split_for_ranks(datasets, tcfg.num_workers),
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
         run_config=ray.train.RunConfig(
             name=paths.run_id,
             storage_path=paths.storage_path,
@@ -213,7 +237,6 @@ def train_model(cfg: JobConfig, task: Task, data: TaskData, paths: RunPaths, res
                 checkpoint_score_attribute="val_accuracy", checkpoint_score_order="max"
             ),
         ),
-        datasets=datasets,
     )
     fit = trainer.fit()
     result.durations_s["train"] = time.perf_counter() - t0

@@ -23,6 +23,11 @@ from dlbatch.models import build_model, fast_layout, forward_batch
 FEATURES = {"image": ["x", "y"], "text": ["tokens", "length", "y"]}
 
 
+def shard_name(split: str, rank: int) -> str:
+    """Trainer dataset name of one rank's part of a split (also a log file name: no slashes)."""
+    return f"{split}-rank{rank}"
+
+
 def _autocast(device: torch.device):
     # bf16 autocast on GPU only: on CPU it slows small convs/GRUs down.
     if device.type == "cuda":
@@ -110,8 +115,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(model)
     raw_model = model.module if hasattr(model, "module") else model
 
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
+    train_shard = ray.train.get_dataset_shard(shard_name("train", rank))
+    val_shard = ray.train.get_dataset_shard(shard_name("val", rank))
     first_batch_at: list[float] = []
     for epoch in range(start_epoch, tcfg["epochs"]):
         t0, started_at = time.perf_counter(), time.time()

@@ -71,3 +71,29 @@ def test_nightly_trains_evaluates_and_predicts(ray_cluster, demo_root, tmp_path,
     [again] = run_predict(cfg)
     assert _rows(pred_dir) == score_rows
     assert "predict" not in again["durations_s"]
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_each_rank_gets_its_own_rows_equal_for_training_and_all_of_validation(ray_cluster, workers):
+    import ray.data
+
+    from dlbatch.pipeline import split_for_ranks
+    from dlbatch.train import shard_name
+
+    train = ray.data.range(1001, override_num_blocks=3).materialize()
+    val = (
+        ray.data.range(101, override_num_blocks=2).map_batches(lambda b: {"id": b["id"] + 5000}).materialize()
+    )
+    parts = split_for_ranks({"train": train, "val": val}, workers)
+
+    assert set(parts) == {shard_name(s, r) for s in ("train", "val") for r in range(workers)}
+    ids = {name: sorted(row["id"] for row in ds.take_all()) for name, ds in parts.items()}
+    train_ids = [ids[shard_name("train", r)] for r in range(workers)]
+    val_ids = [ids[shard_name("val", r)] for r in range(workers)]
+    # DDP ranks must take the same number of steps: equal training parts, at most workers - 1 rows left out.
+    assert len({len(p) for p in train_ids}) == 1
+    assert 1001 - (workers - 1) <= sum(map(len, train_ids)) <= 1001
+    assert len(set().union(*map(set, train_ids))) == sum(map(len, train_ids))  # no row on two ranks
+    # Validation scores every row exactly once, spread evenly.
+    assert sorted(i for p in val_ids for i in p) == list(range(5000, 5101))
+    assert max(map(len, val_ids)) - min(map(len, val_ids)) <= 1
