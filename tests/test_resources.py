@@ -4,8 +4,11 @@ The job runs in its own process with a local cluster of exactly 2 logical CPUs a
 1 CPU each. If the pipeline needed CPU-holding Ray Data tasks while the workers hold every CPU, this
 would hang, and the timeout turns the hang into a failure."""
 
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,15 +23,30 @@ def test_training_workers_holding_every_cpu_do_not_hang_the_job(demo_root, tmp_p
         "text.train.num_workers=2", "text.train.cpus_per_worker=1", "text.train.epochs=1",
         *[f"text.data.{s}={paths[s]}" for s in ("train", "val", "test")],
     ]  # fmt: skip
+    # The job's Ray session under a directory of its own (short: Ray's socket paths have a length limit).
+    ray_tmp = tempfile.mkdtemp(prefix="dlb-", dir="/tmp")
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
     try:
         done = subprocess.run(
-            cmd, cwd=REPO, capture_output=True, text=True, timeout=300, start_new_session=True
+            cmd, cwd=REPO, capture_output=True, text=True, timeout=300, start_new_session=True, env=env
         )
+        actors = {
+            line.removeprefix(":actor_name:")
+            for log in Path(ray_tmp).glob("ray/session_*/logs/worker-*.out")
+            for line in log.read_text(errors="replace").splitlines()
+            if line.startswith(":actor_name:")
+        }
     except subprocess.TimeoutExpired as err:
         raise AssertionError(
             "the job hung with every CPU held by training workers (DESIGN.md pitfall 1)"
         ) from err
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    # A local fit starts no process it does not need: each rank gets its part of the materialized data
+    # from the driver (no split coordinators), and a private cluster has no spot nodes to watch.
+    assert {"TrainController", "RayTrainWorker"} <= actors, actors
+    assert not actors & {"SplitCoordinator", "PreemptionWatcher"}, actors
     assert "[text] test accuracy" in done.stdout
     # The job's own local cluster serves the state API (the dashboard) that Ray Train's placement-group
     # cleaner polls; without it the cleaner warns every second and cannot clean up after a dead controller.
