@@ -189,7 +189,10 @@ def split_for_ranks(datasets: dict[str, Any], num_workers: int) -> dict[str, Any
         else:
             rows = ds.count()
             parts = ds.split_at_indices([rows * k // num_workers for k in range(1, num_workers)])
-        out.update({shard_name(split, rank): part for rank, part in enumerate(parts)})
+        for rank, part in enumerate(parts):
+            # Off a terminal, each rank's per-epoch progress bar is an empty line in the job's log.
+            part.context.enable_progress_bars = False
+            out[shard_name(split, rank)] = part
     return out
 
 

@@ -7,6 +7,7 @@ A restarted worker group resumes from ``ray.train.get_checkpoint()``.
 from __future__ import annotations
 
 import contextlib
+import logging
 import tempfile
 import time
 from typing import Any
@@ -19,6 +20,8 @@ from torch import nn
 from dlbatch.checkpoint import load_training_state, save_checkpoint
 from dlbatch.cluster import use_assigned_cpus
 from dlbatch.models import build_model, fast_layout, forward_batch
+
+log = logging.getLogger(__name__)
 
 FEATURES = {"image": ["x", "y"], "text": ["tokens", "length", "y"]}
 
@@ -92,12 +95,19 @@ def _all_reduce(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
+def _quiet_per_epoch_logs() -> None:
+    """Every epoch each rank would log Ray Data's execution banners for each of its two iterators; rank 0's
+    one epoch line says it all. Warnings and errors still show."""
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     """Ray Train entry point. ``cfg`` is plain data: kind, model_args, train settings, checkpoint metadata."""
     import ray.train
     import ray.train.torch
 
     use_assigned_cpus()
+    _quiet_per_epoch_logs()
     kind, tcfg = cfg["kind"], cfg["train"]
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
@@ -150,12 +160,12 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         history.append(metrics)
         if rank == 0:
             left = (tcfg["epochs"] - epoch - 1) * metrics["epoch_s"]
-            # One line per epoch: what a person follows in `ray job logs -f`.
-            print(
+            # One line per epoch: what a person follows in `ray job logs -f`. A logger, not print(): Ray
+            # Train's print patch would show a printed line twice (stdout and its log handler).
+            log.info(
                 f"[{kind}] epoch {epoch + 1}/{tcfg['epochs']}: train_loss {metrics['train_loss']:.4f} "
                 f"val_loss {metrics['val_loss']:.4f} val_acc {metrics['val_accuracy']:.2%} "
-                f"{metrics['samples_per_s']:,.0f} samples/s {metrics['epoch_s']:.1f}s, ~{left:.0f}s left",
-                flush=True,
+                f"{metrics['samples_per_s']:,.0f} samples/s {metrics['epoch_s']:.1f}s, ~{left:.0f}s left"
             )
             with tempfile.TemporaryDirectory() as tmp:
                 meta = {**cfg["meta"], "epoch": epoch, "metrics": metrics, "history": history}
