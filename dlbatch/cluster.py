@@ -52,6 +52,16 @@ def configure_data_context() -> None:
     ctx.enable_operator_progress_bars = False
 
 
+def dashboard_unavailable() -> str | None:
+    """Why Ray's dashboard cannot start in this environment (a plain ``ray`` install without the
+    ``[default]`` extra), or None. The check is the import Ray itself makes before starting it."""
+    try:
+        import ray.dashboard.optional_deps  # noqa: F401
+    except Exception as err:  # ImportError, or a dependency that breaks while importing
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
 def ensure_ray(cfg: JobConfig) -> None:
     """``ray.init`` once: the configured/submitted cluster if any, else a private local one on loopback."""
     import ray
@@ -67,13 +77,22 @@ def ensure_ray(cfg: JobConfig) -> None:
     # process per fit (~3 s of CPU to start on 2 cores). A submitted job keeps it; so does an explicit
     # setting. Ray Train hands this variable on from the driver to its controller.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    missing = dashboard_unavailable()
+    if missing:
+        # Asked for explicitly, ray.init would refuse to start at all ("Cannot include dashboard with
+        # missing packages"); a laptop run should still run.
+        log.warning(
+            "Ray's dashboard cannot start here (%s); install 'ray[default]' for it. Running without it: "
+            "Ray Train cannot remove a dead controller's placement group, and may warn about its state API.",
+            missing,
+        )
     ray.init(
         address="local",  # always a private instance: never attach to a cluster that merely runs here
         num_cpus=local_num_cpus(cfg),
-        # Not optional: the dashboard serves the state API through which Ray Train's PlacementGroupCleaner
+        # Wanted: the dashboard serves the state API through which Ray Train's PlacementGroupCleaner
         # watches the controller (without it: a warning every second, and no cleanup if the controller
         # dies). It costs ~1.3 s of start on 2 cores. Loopback only.
-        include_dashboard=True,
+        include_dashboard=missing is None,
         dashboard_host="127.0.0.1",
         configure_logging=True,
         logging_level=logging.WARNING,

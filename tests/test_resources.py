@@ -67,3 +67,43 @@ def test_workers_use_as_many_torch_threads_as_cpus_assigned(ray_cluster, cpus):
         return use_assigned_cpus()
 
     assert ray_cluster.get(threads.remote()) == cpus
+
+
+BLOCK_OPENCENSUS = '''
+import sys
+
+
+class _Missing:
+    """As if the package were not installed: a plain `pip install ray` without the [default] extra."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "opencensus":
+            raise ModuleNotFoundError(f"No module named {name!r}")
+
+
+sys.meta_path.insert(0, _Missing())
+'''
+
+
+def test_a_local_job_runs_without_the_dashboards_packages(demo_root, tmp_path):
+    """ray.init(include_dashboard=True) refuses to start when the dashboard's packages are missing; the job
+    says so in one line and runs without it."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(BLOCK_OPENCENSUS)
+    paths = demo_root["text"]
+    cmd = [
+        sys.executable, "jobs/train.py", "tasks=[text]", f"output_root={tmp_path / 'out'}",
+        "text.train.num_workers=1", "text.train.epochs=1",
+        *[f"text.data.{s}={paths[s]}" for s in ("train", "val", "test")],
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(REPO)])}
+    done = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=300, start_new_session=True, env=env
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    assert "[text] test accuracy" in done.stdout
+    [line] = [line for line in out.splitlines() if "dashboard cannot start" in line]
+    assert "No module named 'opencensus'" in line and "ray[default]" in line
+    assert "Traceback" not in out
