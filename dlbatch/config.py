@@ -88,6 +88,10 @@ class PredictConfig(_Frozen):
     compute: Literal["auto", "tasks", "actors"] = "auto"
     gpus_per_actor: float = Field(default=0.0, ge=0)
     cpus_per_actor: float = Field(default=1.0, gt=0)  # per actor, or per task in task mode
+    # With an actor pool, where PNG decoding / tokenizing runs: "actor" (in the model's own process),
+    # "tasks" (a stage of Ray tasks on every CPU in front of the pool, so a GPU actor only runs the model),
+    # "auto": tasks when gpus_per_actor > 0. Task-mode inference always preprocesses in its own tasks.
+    preprocess: Literal["auto", "actor", "tasks"] = "auto"
 
 
 class TaskConfig(_Frozen):

@@ -11,10 +11,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from dlbatch.checkpoint import load_model
+from dlbatch.checkpoint import load_meta, load_model
 from dlbatch.cluster import use_assigned_cpus
 from dlbatch.models import fast_layout
-from dlbatch.preprocess import preprocess_batch
+from dlbatch.preprocess import preprocess_batch, to_arrow
 
 PRED_COLUMNS = ["pred_index", "pred_label", "confidence", "probs"]
 
@@ -57,6 +57,55 @@ def _local_checkpoint(ckpt_path: str, tmp: str) -> str:
     return tmp
 
 
+# Columns of a preprocessed batch (``prepare_batch``) that carry ``preprocess_batch``'s output to the
+# model's process; prefixed so they cannot meet a passthrough column's name.
+PREPARED = "__dlbatch_"
+_ARRAYS = {"x", "tokens", "length", "y"}  # numpy in ``preprocess_batch``'s output; the rest stay Arrow
+
+
+def _spec_from_checkpoint(ckpt_path: str, task_cfg: dict[str, Any]) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        meta = load_meta(_local_checkpoint(ckpt_path, tmp))
+    return preprocess_spec(meta["kind"], task_cfg, meta)
+
+
+# One preprocessing spec per worker process for ``prepare_batch`` (it reads the checkpoint's metadata).
+_PROCESS_SPEC: dict[str, dict[str, Any]] = {}
+
+
+def prepare_batch(
+    batch: pa.Table, ckpt_path: str, task_cfg: dict[str, Any], with_labels: bool = False
+) -> pa.Table:
+    """``map_batches`` function of the CPU stage in front of an actor pool: decode / tokenize here, on
+    every CPU, so that a GPU actor only runs the model. Decoding in the one actor that holds the GPU
+    would leave the GPU waiting on a single core. Passthrough columns ride along under their own names."""
+    key = json.dumps([ckpt_path, task_cfg], sort_keys=True, default=str)
+    spec = _PROCESS_SPEC.get(key)
+    if spec is None:
+        _PROCESS_SPEC.clear()
+        spec = _PROCESS_SPEC[key] = _spec_from_checkpoint(ckpt_path, task_cfg)
+    cols = preprocess_batch(batch, spec, with_labels=with_labels)
+    table = to_arrow({PREPARED + name: value for name, value in cols.items()})
+    for name in task_cfg["data"]["passthrough_columns"]:
+        table = table.append_column(name, batch.column(name))
+    return table
+
+
+def _unpack_prepared(batch: pa.Table) -> dict[str, Any]:
+    """``preprocess_batch``'s columns back from a ``prepare_batch`` table (tensors zero-copy)."""
+    cols: dict[str, Any] = {}
+    for name in batch.column_names:
+        if not name.startswith(PREPARED):
+            continue
+        key, col = name[len(PREPARED) :], batch.column(name)
+        if key in _ARRAYS:
+            parts = [chunk.to_numpy(zero_copy_only=False) for chunk in col.chunks]
+            cols[key] = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        else:
+            cols[key] = col.combine_chunks()
+    return cols
+
+
 class Predictor:
     """``map_batches`` callable: raw Arrow batch in, one output row per input row out.
 
@@ -65,7 +114,12 @@ class Predictor:
     """
 
     def __init__(
-        self, ckpt_path: str, task_cfg: dict[str, Any], run_info: dict[str, Any], with_labels: bool = False
+        self,
+        ckpt_path: str,
+        task_cfg: dict[str, Any],
+        run_info: dict[str, Any],
+        with_labels: bool = False,
+        prepared: bool = False,
     ):
         use_assigned_cpus()
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -79,6 +133,7 @@ class Predictor:
         self.id_column = task_cfg["data"]["id_column"]
         self.run_info = run_info
         self.with_labels = with_labels
+        self.prepared = prepared  # batches come from ``prepare_batch``, already decoded / tokenized
 
     @torch.inference_mode()
     def _probs(self, cols: dict[str, Any], ok: np.ndarray) -> np.ndarray:
@@ -96,7 +151,10 @@ class Predictor:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
-        cols = preprocess_batch(batch, self.spec, with_labels=self.with_labels)
+        if self.prepared:
+            cols = _unpack_prepared(batch)
+        else:
+            cols = preprocess_batch(batch, self.spec, with_labels=self.with_labels)
         reasons = cols["reject_reason"]
         ok = np.asarray(reasons.is_null())
         k = len(self.label_names)
@@ -175,6 +233,14 @@ def use_actors(pcfg: dict[str, Any]) -> bool:
     return pcfg["compute"] == "actors"
 
 
+def preprocess_in_tasks(pcfg: dict[str, Any]) -> bool:
+    """With an actor pool: decode / tokenize in a CPU task stage in front of it (``preprocess``; auto:
+    when the actors hold GPUs)."""
+    if pcfg["preprocess"] == "auto":
+        return pcfg["gpus_per_actor"] > 0
+    return pcfg["preprocess"] == "tasks"
+
+
 def predict_dataset(
     ds, ckpt_path: str, task_cfg: dict[str, Any], run_info: dict[str, Any], with_labels: bool = False
 ):
@@ -194,6 +260,15 @@ def predict_dataset(
             # retries on system failures); its output file has a deterministic name, so a retry replaces
             # rather than duplicates it (tests/test_faults.py kills one).
         )
+    if preprocess_in_tasks(pcfg):
+        ds = ds.map_batches(
+            prepare_batch,
+            fn_kwargs={"ckpt_path": ckpt_path, "task_cfg": task_cfg, "with_labels": with_labels},
+            batch_format="pyarrow",
+            batch_size=pcfg["batch_size"],
+            num_cpus=1,
+        )
+        kwargs["prepared"] = True
     return ds.map_batches(
         Predictor,
         fn_constructor_kwargs=kwargs,

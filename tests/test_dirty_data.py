@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
@@ -105,6 +106,23 @@ def test_dirty_image_data_is_routed_to_rejects_and_conserved(ray_cluster, tmp_pa
     out_ids = list(preds["id"]) + score_rejects["id"].to_pylist()
     assert len(out_ids) == len(set(out_ids)) == len(inputs)
     assert set(out_ids) == set(inputs["row_hash"])
+
+    # The GPU layout on CPUs: PNGs decoded in a task stage, an actor pool only runs the model. Same
+    # predictions, same rejects with the same reasons and sources.
+    from dlbatch.runner import run_predict
+
+    pool = ["force=true", "image.predict.compute=actors", "image.predict.preprocess=tasks"]
+    [again] = run_predict(load_config(None, overrides + pool))
+    assert again["rows"]["score"] == rows["score"]
+    preds_again = pads.dataset(run_dir / "predictions").to_table().to_pandas()
+    pd.testing.assert_frame_equal(
+        preds.drop(columns="probs").sort_values("id").reset_index(drop=True),
+        preds_again[preds.columns].drop(columns="probs").sort_values("id").reset_index(drop=True),
+        check_exact=False,
+        atol=1e-5,
+    )
+    rejects_again = pads.dataset(run_dir / "rejects" / "score").to_table()
+    assert sorted(rejects_again.to_pylist(), key=str) == sorted(score_rejects.to_pylist(), key=str)
 
 
 def test_too_many_rejects_fail_the_run_after_writing_them(ray_cluster, tmp_path):

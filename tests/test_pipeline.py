@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
@@ -71,6 +72,17 @@ def test_nightly_trains_evaluates_and_predicts(ray_cluster, demo_root, tmp_path,
     [again] = run_predict(cfg)
     assert _rows(pred_dir) == score_rows
     assert "predict" not in again["durations_s"]
+
+    # Forced, in the GPU layout on CPUs (decode / tokenize in a task stage, an actor pool runs the model):
+    # the same predictions, pass-through columns included.
+    pool = [f"{task}.predict.compute=actors", f"{task}.predict.preprocess=tasks", "force=true"]
+    [pooled] = run_predict(config_for(tmp_path, task, demo_root, *extra, *pool))
+    assert pooled["rows"]["score"] == summary["rows"]["score"]
+    again = pads.dataset(pred_dir, format="parquet").to_table()
+    key = [("id", "ascending")]
+    before, after = preds.sort_by(key), again.select(preds.column_names).sort_by(key)
+    assert before.drop(["probs", "confidence"]).equals(after.drop(["probs", "confidence"]))
+    assert np.allclose(before["confidence"].to_numpy(), after["confidence"].to_numpy(), atol=1e-5)
 
 
 @pytest.mark.parametrize("workers", [1, 2, 3])
