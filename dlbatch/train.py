@@ -39,12 +39,24 @@ def _autocast(device: torch.device):
 
 
 def _batches(shard, kind: str, batch_size: int, device: torch.device):
+    """Tensor batches on ``device``. On a GPU, batches are collated into pinned host memory and copied
+    asynchronously. The GRU's lengths stay on the host, where ``pack_padded_sequence`` wants them: a copy
+    back from the GPU would stall every step."""
     dtypes = {"x": torch.float32, "y": torch.int64, "tokens": torch.int64, "length": torch.int64}
-    return shard.iter_torch_batches(
+    on_gpu = device.type == "cuda"
+    lengths_on_host = on_gpu and "length" in FEATURES[kind]
+    batches = shard.iter_torch_batches(
         batch_size=batch_size,
         dtypes={k: dtypes[k] for k in FEATURES[kind]},
-        device=device,
+        device="cpu" if lengths_on_host else device,
+        pin_memory=on_gpu,
         prefetch_batches=2,
+    )
+    if not lengths_on_host:
+        return batches
+    return (
+        {k: v if k == "length" else v.to(device, non_blocking=True) for k, v in batch.items()}
+        for batch in batches
     )
 
 
@@ -57,9 +69,12 @@ def _noting_first(batches, noted: list[float]):
 
 
 def train_epoch(model: nn.Module, optimizer, batches, kind: str, device: torch.device) -> tuple[float, int]:
-    """One pass over the shard. Returns (summed loss, samples)."""
+    """One pass over the shard. Returns (summed loss, samples).
+
+    The loss is summed on the device and read once at the end: a ``.item()`` per step would make the host
+    wait for the GPU every step instead of queueing the next one."""
     model.train()
-    total_loss, seen = 0.0, 0
+    total_loss, seen = torch.zeros((), dtype=torch.float64, device=device), 0
     for batch in batches:
         with _autocast(device):
             logits = forward_batch(model, kind, batch)
@@ -68,23 +83,24 @@ def train_epoch(model: nn.Module, optimizer, batches, kind: str, device: torch.d
         loss.backward()
         optimizer.step()
         n = batch["y"].shape[0]
-        total_loss += loss.item() * n
+        total_loss += loss.detach() * n
         seen += n
-    return total_loss, seen
+    return total_loss.item(), seen
 
 
 @torch.inference_mode()
 def eval_epoch(model: nn.Module, batches, kind: str, device: torch.device) -> tuple[float, int, int]:
     """Returns (summed loss, correct, samples)."""
     model.eval()
-    total_loss, correct, seen = 0.0, 0, 0
+    sums, seen = torch.zeros(2, dtype=torch.float64, device=device), 0  # summed loss, correct
     for batch in batches:
         with _autocast(device):
             logits = forward_batch(model, kind, batch).float()
-        total_loss += F.cross_entropy(logits, batch["y"], reduction="sum").item()
-        correct += (logits.argmax(1) == batch["y"]).sum().item()
+        sums[0] += F.cross_entropy(logits, batch["y"], reduction="sum")
+        sums[1] += (logits.argmax(1) == batch["y"]).sum()
         seen += batch["y"].shape[0]
-    return total_loss, correct, seen
+    total_loss, correct = sums.tolist()
+    return total_loss, int(correct), seen
 
 
 def _all_reduce(values: list[float], device: torch.device) -> list[float]:
