@@ -1,6 +1,6 @@
 """Throughput benchmark: dlbatch vs. a plain single-process PyTorch loop, same data and machine, one run.
 
-    python bench/run.py [--infer-rows 50000] [--train-rows 6000] [--repeats 3]
+    python bench/run.py [--infer-rows 50000] [--train-rows 6000] [--repeats 3] [--batch-size N] [--gpu]
 
 Prints one table of ratios and writes bench/results.json. Measures:
   training samples/s (steady state: median of the epochs after the first), CNN and GRU;
@@ -152,18 +152,22 @@ def steady(history: list[dict]) -> float:
     return statistics.median(h["samples_per_s"] for h in history[1:])
 
 
-def bench_training(root: str, train_rows: int, epochs: int, repeats: int, gpus: int) -> dict:
+def bench_training(
+    root: str, train_rows: int, epochs: int, repeats: int, gpus: int, batch_size: int | None = None
+) -> dict:
     """Per task, ``repeats`` alternating rounds of dlbatch then the plain loop(s); medians of the rounds'
     steady-state samples/s (each round's own figure is the median of its epochs after the first)."""
     out = {}
     for task in ("image", "text"):
         runs: dict[str, list[float]] = {"dlbatch": [], "plain": [], "plain_same_layout": []}
         excess, stage, first_batch, gpu_util = [], [], [], []
-        on_gpu = [f"{task}.train.use_gpu=true", f"{task}.train.num_workers={gpus}"] if gpus else []
+        extra = [f"{task}.train.use_gpu=true", f"{task}.train.num_workers={gpus}"] if gpus else []
+        if batch_size:
+            extra.append(f"{task}.train.batch_size={batch_size}")
         for rep in range(repeats):
             cfg = load_config(None, [f"tasks=[{task}]", f"output_root={root}/train-{task}-{rep}",
                                      f"demo_rows={train_rows}", f"{task}.train.epochs={epochs}",
-                                     "run_date=2026-01-01", *on_gpu])  # fmt: skip
+                                     "run_date=2026-01-01", *extra])  # fmt: skip
             with GpuUtilization() as util:
                 [summary] = run_train(cfg)
             hist = summary["history"]
@@ -206,12 +210,19 @@ def bench_training(root: str, train_rows: int, epochs: int, repeats: int, gpus: 
     return out
 
 
-def write_score_set(path: Path, rows: int) -> Path:
+def write_score_set(path: Path, rows: int, distinct: int = 50_000) -> Path:
+    """``rows`` unlabeled images in files of 5,000. Past ``distinct`` rows the generated files repeat under
+    new ids: decoding costs the same, and generating 500,000 PNGs would take longer than scoring them."""
     path.mkdir(parents=True, exist_ok=True)
-    chunk = 5000
+    chunk, made = 5000, []
     for i, start in enumerate(range(0, rows, chunk)):
         n = min(chunk, rows - start)
-        table = make_image_table(n, seed=1000 + i, with_labels=False, prefix=f"s{i}")
+        if start < distinct:
+            table = make_image_table(n, seed=1000 + i, with_labels=False, prefix=f"s{i}")
+            made.append(table)
+        else:
+            ids = pa.array([f"s{i}-{j:07d}" for j in range(n)])
+            table = made[i % len(made)].slice(0, n).set_column(0, "id", ids)
         pq.write_table(table, path / f"part-{i:04d}.parquet")
     return path
 
@@ -285,10 +296,17 @@ def bench_inference(
     }
 
 
+def save(results: dict) -> None:
+    (HERE / "results.json").write_text(json.dumps(results, indent=1, default=str))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--train-rows", type=int, default=6000)
     parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="training batch per worker (default: the config's)"
+    )
     parser.add_argument("--infer-rows", type=int, default=50_000)
     parser.add_argument(
         "--actors", type=int, default=None, help="inference actors (default: sized to the cluster)"
@@ -314,10 +332,19 @@ def main() -> int:
     t0 = time.perf_counter()
     ensure_ray(load_config(None, []))
     ray_start_s = time.perf_counter() - t0
+    if gpus and ray.cluster_resources().get("GPU", 0) < gpus:
+        # Otherwise the fit would wait forever for a GPU placement group.
+        parser.error(f"--gpu: torch sees {gpus} GPU(s), the local Ray cluster {ray.cluster_resources()}")
     results: dict = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "ray": ray.__version__}}
     if gpus:
         results["machine"]["gpus"] = [torch.cuda.get_device_name(i) for i in range(gpus)]
-    results["training"] = bench_training(root, args.train_rows, args.epochs, args.repeats, gpus)
+    results["training"] = bench_training(
+        root, args.train_rows, args.epochs, args.repeats, gpus, args.batch_size
+    )
+    save(results)  # what is measured so far survives a later stage that fails
+    for task, r in results["training"].items():
+        print(f"[{task}] training: dlbatch {r['dlbatch_samples_per_s']:,.0f} samples/s, plain "
+              f"{r['plain_samples_per_s']:,.0f}, GPU busy {r['gpu_utilization_pct']}%", flush=True)  # fmt: skip
     model_dir = results["training"]["image"]["model_dir"]
     small = bench_inference(root, model_dir, args.infer_rows // 10, args.actors, 1, gpus)
     large = bench_inference(root, model_dir, args.infer_rows, args.actors, args.repeats, gpus)
@@ -346,7 +373,7 @@ def main() -> int:
         "train_fraction": 3 * flops * image["dlbatch_samples_per_s"] / peak,
         "inference_fraction": flops * large["dlbatch_images_per_s"] / peak,
     }
-    (HERE / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    save(results)
     rows = [
         ("CNN training samples/s", image["dlbatch_samples_per_s"], image["plain_samples_per_s"], image["ratio"]),
         ("  vs plain in dlbatch's layout", image["dlbatch_samples_per_s"], image["plain_same_layout_samples_per_s"],
