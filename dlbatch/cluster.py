@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import socket
 
 from dlbatch.config import JobConfig
 
@@ -62,6 +64,27 @@ def dashboard_unavailable() -> str | None:
     return None
 
 
+def _free_loopback_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _environment(**values: str):
+    """``os.environ`` updated for the block, then restored."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def ensure_ray(cfg: JobConfig) -> None:
     """``ray.init`` once: the configured/submitted cluster if any, else a private local one on loopback."""
     import ray
@@ -86,14 +109,20 @@ def ensure_ray(cfg: JobConfig) -> None:
             "Ray Train cannot remove a dead controller's placement group, and may warn about its state API.",
             missing,
         )
-    ray.init(
-        address="local",  # always a private instance: never attach to a cluster that merely runs here
-        num_cpus=local_num_cpus(cfg),
-        # Wanted: the dashboard serves the state API through which Ray Train's PlacementGroupCleaner
-        # watches the controller (without it: a warning every second, and no cleanup if the controller
-        # dies). It costs ~1.3 s of start on 2 cores. Loopback only.
-        include_dashboard=missing is None,
-        dashboard_host="127.0.0.1",
-        configure_logging=True,
-        logging_level=logging.WARNING,
-    )
+    # The cluster's own processes must find it by its address. Without RAY_ADDRESS, Ray's state API looks
+    # for any cluster on the host; with another one running here (a `ray start`, a second job), Ray Train's
+    # placement-group cleaner asked that one whether this job's controller was alive, was told no, and
+    # quit (seen here). Every process ray.init starts inherits this environment; the driver's is restored.
+    port = _free_loopback_port()
+    with _environment(RAY_GCS_SERVER_PORT=str(port), RAY_ADDRESS=f"127.0.0.1:{port}"):
+        ray.init(
+            address="local",  # always a private instance: never attach to a cluster that merely runs here
+            num_cpus=local_num_cpus(cfg),
+            # Wanted: the dashboard serves the state API through which Ray Train's PlacementGroupCleaner
+            # watches the controller (without it: a warning every second, and no cleanup if the controller
+            # dies). It costs ~1.3 s of start on 2 cores. Loopback only.
+            include_dashboard=missing is None,
+            dashboard_host="127.0.0.1",
+            configure_logging=True,
+            logging_level=logging.WARNING,
+        )

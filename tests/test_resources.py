@@ -16,7 +16,15 @@ import pytest
 REPO = Path(__file__).parents[1]
 
 
-def test_training_workers_holding_every_cpu_do_not_hang_the_job(demo_root, tmp_path):
+# A job's own processes must talk to its own cluster, never to another one on the same host.
+OTHER_CLUSTER_SIGNS = (
+    "Found multiple active Ray instances",
+    "Failed to register placement group with cleaner",
+)
+
+
+def test_training_workers_holding_every_cpu_do_not_hang_the_job(ray_cluster, demo_root, tmp_path):
+    """``ray_cluster``: the test session's own Ray instance runs on this host meanwhile."""
     paths = demo_root["text"]
     cmd = [
         sys.executable, "jobs/train.py", "tasks=[text]", f"output_root={tmp_path}", "cluster.local_num_cpus=2",
@@ -51,6 +59,11 @@ def test_training_workers_holding_every_cpu_do_not_hang_the_job(demo_root, tmp_p
     # The job's own local cluster serves the state API (the dashboard) that Ray Train's placement-group
     # cleaner polls; without it the cleaner warns every second and cannot clean up after a dead controller.
     assert "State API may be temporarily unavailable" not in done.stdout + done.stderr
+    # With another Ray instance on the host, the cleaner once asked that one whether this job's controller
+    # was alive, was told no, and quit (or failed to pick one and died with a traceback).
+    for sign in OTHER_CLUSTER_SIGNS:
+        assert sign not in done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
 
 
 @pytest.mark.parametrize("cpus", [1, 2])
@@ -85,7 +98,7 @@ sys.meta_path.insert(0, _Missing())
 '''
 
 
-def test_a_local_job_runs_without_the_dashboards_packages(demo_root, tmp_path):
+def test_a_local_job_runs_without_the_dashboards_packages(ray_cluster, demo_root, tmp_path):
     """ray.init(include_dashboard=True) refuses to start when the dashboard's packages are missing; the job
     says so in one line and runs without it."""
     site = tmp_path / "site"
