@@ -56,7 +56,7 @@ def train_plain(
     history = []
     for epoch in range(epochs):
         model.train()
-        t0 = time.perf_counter()
+        t0, started_at = time.perf_counter(), time.time()
         for batch in batches(train, batch_size):
             batch = {k: v.to(device) for k, v in batch.items()}
             loss = F.cross_entropy(forward_batch(model, kind, batch), batch["y"])
@@ -71,6 +71,9 @@ def train_plain(
                 "epoch": epoch,
                 "samples_per_s": len(train["y"]) / train_s,
                 "val_accuracy": accuracy(model, kind, val),
+                # Wall clock of the training pass, as dlbatch's history has it (GPU utilization windows).
+                "train_started_at": started_at,
+                "train_s": train_s,
             }
         )
     return model.cpu(), history

@@ -160,7 +160,7 @@ def bench_training(
     out = {}
     for task in ("image", "text"):
         runs: dict[str, list[float]] = {"dlbatch": [], "plain": [], "plain_same_layout": []}
-        excess, stage, first_batch, gpu_util = [], [], [], []
+        excess, stage, first_batch, gpu_util, plain_gpu_util = [], [], [], [], []
         extra = [f"{task}.train.use_gpu=true", f"{task}.train.num_workers={gpus}"] if gpus else []
         if batch_size:
             extra.append(f"{task}.train.batch_size={batch_size}")
@@ -188,10 +188,13 @@ def bench_training(
             for name, channels_last in [("plain", False)] + (
                 [("plain_same_layout", True)] if task == "image" else []
             ):
-                _, plain_hist = train_plain(task, data.meta, train, val, epochs, tcfg.batch_size * tcfg.num_workers,
-                                            tcfg.lr, channels_last=channels_last,
-                                            device="cuda" if gpus else "cpu")  # fmt: skip
+                with GpuUtilization() as util:
+                    _, plain_hist = train_plain(task, data.meta, train, val, epochs,
+                                                tcfg.batch_size * tcfg.num_workers, tcfg.lr,
+                                                channels_last=channels_last, device="cuda" if gpus else "cpu")  # fmt: skip
                 runs[name].append(steady(plain_hist))
+                if name == "plain":
+                    plain_gpu_util.append(util.mean(train_windows(plain_hist)))
         out[task] = {
             "repeats": repeats,
             "dlbatch_samples_per_s": statistics.median(runs["dlbatch"]),
@@ -204,6 +207,11 @@ def bench_training(
             "worker_group_start_and_first_epoch_excess_s": statistics.median(excess),
             "fit_to_first_batch_s": statistics.median(first_batch),
             "gpu_utilization_pct": statistics.median(gpu_util) if None not in gpu_util else None,
+            # The same for the plain loop, whose batches are already decoded in memory: what the model
+            # alone can keep busy.
+            "plain_gpu_utilization_pct": statistics.median(plain_gpu_util)
+            if None not in plain_gpu_util
+            else None,
             "model_dir": summary["paths"]["model"],
         }
         out[task]["ratio"] = out[task]["dlbatch_samples_per_s"] / out[task]["plain_samples_per_s"]
@@ -344,7 +352,8 @@ def main() -> int:
     save(results)  # what is measured so far survives a later stage that fails
     for task, r in results["training"].items():
         print(f"[{task}] training: dlbatch {r['dlbatch_samples_per_s']:,.0f} samples/s, plain "
-              f"{r['plain_samples_per_s']:,.0f}, GPU busy {r['gpu_utilization_pct']}%", flush=True)  # fmt: skip
+              f"{r['plain_samples_per_s']:,.0f}, GPU busy {r['gpu_utilization_pct']}% "
+              f"(plain {r['plain_gpu_utilization_pct']}%)", flush=True)  # fmt: skip
     model_dir = results["training"]["image"]["model_dir"]
     small = bench_inference(root, model_dir, args.infer_rows // 10, args.actors, 1, gpus)
     large = bench_inference(root, model_dir, args.infer_rows, args.actors, args.repeats, gpus)
@@ -399,9 +408,12 @@ def main() -> int:
     )
     if gpus:
         print(
-            "GPU utilization: training CNN {}, GRU {} (steady epochs' training passes); inference {} (whole run)".format(
-                *(f"{v:.0f}%" if v is not None else "n/a" for v in (image["gpu_utilization_pct"],
-                  results["training"]["text"]["gpu_utilization_pct"], large["gpu_utilization_pct"]))
+            "GPU utilization: training CNN {} (plain {}), GRU {} (plain {}) (steady epochs' training passes); "
+            "inference {} (whole run)".format(
+                *(f"{v:.0f}%" if v is not None else "n/a" for v in (
+                  image["gpu_utilization_pct"], image["plain_gpu_utilization_pct"],
+                  results["training"]["text"]["gpu_utilization_pct"],
+                  results["training"]["text"]["plain_gpu_utilization_pct"], large["gpu_utilization_pct"]))
             )
         )  # fmt: skip
     print(
