@@ -148,6 +148,11 @@ def train_windows(history: list[dict]) -> list[tuple[float, float]]:
     return [(h["train_started_at"], h["train_started_at"] + h["train_s"]) for h in history[1:]]
 
 
+def median_or_none(values: list[float | None]) -> float | None:
+    """Median of GPU utilization samples; None when any round had none (no GPU)."""
+    return statistics.median(values) if None not in values else None
+
+
 def steady(history: list[dict]) -> float:
     return statistics.median(h["samples_per_s"] for h in history[1:])
 
@@ -206,12 +211,10 @@ def bench_training(
             "train_stage_s": statistics.median(stage),
             "worker_group_start_and_first_epoch_excess_s": statistics.median(excess),
             "fit_to_first_batch_s": statistics.median(first_batch),
-            "gpu_utilization_pct": statistics.median(gpu_util) if None not in gpu_util else None,
+            "gpu_utilization_pct": median_or_none(gpu_util),
             # The same for the plain loop, whose batches are already decoded in memory: what the model
             # alone can keep busy.
-            "plain_gpu_utilization_pct": statistics.median(plain_gpu_util)
-            if None not in plain_gpu_util
-            else None,
+            "plain_gpu_utilization_pct": median_or_none(plain_gpu_util),
             "model_dir": summary["paths"]["model"],
         }
         out[task]["ratio"] = out[task]["dlbatch_samples_per_s"] / out[task]["plain_samples_per_s"]
@@ -300,7 +303,7 @@ def bench_inference(
         "all_runs": {"dlbatch": ours, "plain": plain, "plain_same_fast_paths": plain_fast},
         "peak_rss_bytes": max(peaks),
         # Over the whole scoring run, start-up included.
-        "gpu_utilization_pct": statistics.median(gpu_util) if None not in gpu_util else None,
+        "gpu_utilization_pct": median_or_none(gpu_util),
     }
 
 

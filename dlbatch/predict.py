@@ -69,8 +69,19 @@ def _spec_from_checkpoint(ckpt_path: str, task_cfg: dict[str, Any]) -> dict[str,
     return preprocess_spec(meta["kind"], task_cfg, meta)
 
 
-# One preprocessing spec per worker process for ``prepare_batch`` (it reads the checkpoint's metadata).
-_PROCESS_SPEC: dict[str, dict[str, Any]] = {}
+# Per worker process, the last thing built for a ``map_batches`` function, keyed by what it was built from:
+# a Ray worker process outlives its tasks, so the first batch it sees builds it and later ones reuse it.
+_PROCESS_CACHE: dict[str, tuple[str, Any]] = {}
+
+
+def _process_cached(name: str, build, *args):
+    """``build(*args)``, once per process while ``args`` stay the same (rebuilt when they change)."""
+    key = json.dumps(args, sort_keys=True, default=str)
+    hit = _PROCESS_CACHE.get(name)
+    if hit is None or hit[0] != key:
+        _PROCESS_CACHE.pop(name, None)  # the old one (a model) is freed before the new one is built
+        _PROCESS_CACHE[name] = hit = (key, build(*args))
+    return hit[1]
 
 
 def prepare_batch(
@@ -79,11 +90,7 @@ def prepare_batch(
     """``map_batches`` function of the CPU stage in front of an actor pool: decode / tokenize here, on
     every CPU, so that a GPU actor only runs the model. Decoding in the one actor that holds the GPU
     would leave the GPU waiting on a single core. Passthrough columns ride along under their own names."""
-    key = json.dumps([ckpt_path, task_cfg], sort_keys=True, default=str)
-    spec = _PROCESS_SPEC.get(key)
-    if spec is None:
-        _PROCESS_SPEC.clear()
-        spec = _PROCESS_SPEC[key] = _spec_from_checkpoint(ckpt_path, task_cfg)
+    spec = _process_cached("spec", _spec_from_checkpoint, ckpt_path, task_cfg)
     cols = preprocess_batch(batch, spec, with_labels=with_labels)
     table = to_arrow({PREPARED + name: value for name, value in cols.items()})
     for name in task_cfg["data"]["passthrough_columns"]:
@@ -200,11 +207,6 @@ def actor_pool_size(pcfg: dict[str, Any], cluster: dict[str, float]) -> int:
     return max(1, int((cluster.get("CPU", 1) - READ_WRITE_CPUS) // pcfg["cpus_per_actor"]))
 
 
-# One Predictor per worker process for task-mode inference: built by the first batch a process sees,
-# reused by the later ones (the process outlives its tasks), rebuilt when another model or run comes.
-_PROCESS_PREDICTOR: dict[str, Predictor] = {}
-
-
 def predict_batch(
     batch: pa.Table,
     ckpt_path: str,
@@ -212,12 +214,9 @@ def predict_batch(
     run_info: dict[str, Any],
     with_labels: bool = False,
 ) -> pa.Table:
-    """``map_batches`` function for task mode: the process's cached Predictor scores the batch."""
-    key = json.dumps([ckpt_path, task_cfg, run_info, with_labels], sort_keys=True, default=str)
-    predictor = _PROCESS_PREDICTOR.get(key)
-    if predictor is None:
-        _PROCESS_PREDICTOR.clear()
-        predictor = _PROCESS_PREDICTOR[key] = Predictor(ckpt_path, task_cfg, run_info, with_labels)
+    """``map_batches`` function for task mode: the process's cached Predictor scores the batch (one per
+    process, rebuilt when another model or run comes)."""
+    predictor = _process_cached("predictor", Predictor, ckpt_path, task_cfg, run_info, with_labels)
     return predictor(batch)
 
 

@@ -23,14 +23,24 @@ OTHER_CLUSTER_SIGNS = (
 )
 
 
+def _text_train_job(demo_root, out, *overrides: str) -> list[str]:
+    """A 1-epoch text training job on the shared demo data, as its own process would be started."""
+    paths = demo_root["text"]
+    return [
+        sys.executable, "jobs/train.py", "tasks=[text]", f"output_root={out}", "text.train.epochs=1",
+        *[f"text.data.{s}={paths[s]}" for s in ("train", "val", "test")], *overrides,
+    ]  # fmt: skip
+
+
 def test_training_workers_holding_every_cpu_do_not_hang_the_job(ray_cluster, demo_root, tmp_path):
     """``ray_cluster``: the test session's own Ray instance runs on this host meanwhile."""
-    paths = demo_root["text"]
-    cmd = [
-        sys.executable, "jobs/train.py", "tasks=[text]", f"output_root={tmp_path}", "cluster.local_num_cpus=2",
-        "text.train.num_workers=2", "text.train.cpus_per_worker=1", "text.train.epochs=1",
-        *[f"text.data.{s}={paths[s]}" for s in ("train", "val", "test")],
-    ]  # fmt: skip
+    cmd = _text_train_job(
+        demo_root,
+        tmp_path,
+        "cluster.local_num_cpus=2",
+        "text.train.num_workers=2",
+        "text.train.cpus_per_worker=1",
+    )
     # The job's Ray session under a directory of its own (short: Ray's socket paths have a length limit).
     ray_tmp = tempfile.mkdtemp(prefix="dlb-", dir="/tmp")
     env = {**os.environ, "RAY_TMPDIR": ray_tmp}
@@ -99,17 +109,12 @@ sys.meta_path.insert(0, _Missing())
 
 
 def test_a_local_job_runs_without_the_dashboards_packages(ray_cluster, demo_root, tmp_path):
-    """ray.init(include_dashboard=True) refuses to start when the dashboard's packages are missing; the job
-    says so in one line and runs without it."""
+    """ray.init(include_dashboard=True) does not start when the dashboard's packages are missing (here the
+    job hung until this test's timeout); the job says so in one line and runs without it."""
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(BLOCK_OPENCENSUS)
-    paths = demo_root["text"]
-    cmd = [
-        sys.executable, "jobs/train.py", "tasks=[text]", f"output_root={tmp_path / 'out'}",
-        "text.train.num_workers=1", "text.train.epochs=1",
-        *[f"text.data.{s}={paths[s]}" for s in ("train", "val", "test")],
-    ]  # fmt: skip
+    cmd = _text_train_job(demo_root, tmp_path / "out", "text.train.num_workers=1")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(REPO)])}
     done = subprocess.run(
         cmd, cwd=REPO, capture_output=True, text=True, timeout=300, start_new_session=True, env=env
