@@ -77,6 +77,9 @@ class TrainConfig(_Frozen):
     # PACK keeps workers together; SPREAD / STRICT_SPREAD put them on different nodes.
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     seed: int = 0
+    # Also checkpoint every N training steps inside an epoch, so a lost worker costs at most N steps rather
+    # than the epoch in flight. None: at the end of each epoch only (enough when epochs take seconds).
+    checkpoint_every_steps: int | None = Field(default=None, ge=1)
 
 
 class PredictConfig(_Frozen):

@@ -193,18 +193,28 @@ def inspect_split(
     )
 
 
-def read_split(info: SplitInfo, columns: list[str] | None = None, shuffle_files: bool = False):
-    """Ray Dataset over the split's checked files, with source path and (without an id column) a row hash."""
-    import ray.data
+def read_split(info: SplitInfo, columns: list[str] | None = None, shuffle_seed: int | None = None):
+    """Ray Dataset over the split's checked files, with source path and (without an id column) a row hash.
 
-    return ray.data.read_parquet(
+    ``shuffle_seed``: the files in an order drawn from this seed, and rows kept in that order through the
+    dataset's execution. The same seed and files give the same rows in the same order in any process, so a
+    training run resumed by a new driver sees its epochs as the first attempt did."""
+    import ray.data
+    from ray.data import FileShuffleConfig
+
+    ds = ray.data.read_parquet(
         info.files,
         filesystem=info.filesystem,
         columns=columns,
         include_paths=True,
         include_row_hash=not info.has_id,
-        shuffle="files" if shuffle_files else None,
+        shuffle=None
+        if shuffle_seed is None
+        else FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=False),
     )
+    if shuffle_seed is not None:
+        ds.context.execution_options.preserve_order = True
+    return ds
 
 
 def split_columns(info: SplitInfo, task_cfg: dict[str, Any], kind: str, with_label: bool) -> list[str]:

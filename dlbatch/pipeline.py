@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -151,10 +152,10 @@ def prepare_training_split(
     info = data.splits[split]
     task_cfg = data.meta["config"]
     spec = preprocess_spec(task, task_cfg, data.meta)
+    # Training rows in a file order fixed per run (seed and run date): a rerun resumes on the same order.
+    seed = zlib.crc32(f"{cfg.task(task).train.seed}/{paths.run_id}".encode()) if split == "train" else None
     prepared = (
-        read_split(
-            info, columns=split_columns(info, task_cfg, task, with_label=True), shuffle_files=split == "train"
-        )
+        read_split(info, columns=split_columns(info, task_cfg, task, with_label=True), shuffle_seed=seed)
         .map_batches(
             preprocess_for_training, batch_format="pyarrow", batch_size=1024, fn_kwargs={"spec": spec}
         )
@@ -236,16 +237,16 @@ def train_model(cfg: JobConfig, task: Task, data: TaskData, paths: RunPaths, res
             name=paths.run_id,
             storage_path=paths.storage_path,
             failure_config=ray.train.FailureConfig(max_failures=tcfg.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(
-                checkpoint_score_attribute="val_accuracy", checkpoint_score_order="max"
-            ),
+            # Every checkpoint is kept, in the order reported; the best is picked after the fit. A score
+            # attribute would also rank mid-epoch checkpoints, which have no validation score (Ray Train
+            # logs an error for each, and a non-finite stand-in is written as null, which it cannot rank
+            # when a rerun reloads its snapshot).
+            checkpoint_config=ray.train.CheckpointConfig(),
         ),
     )
     fit = trainer.fit()
     result.durations_s["train"] = time.perf_counter() - t0
-    best = fit.get_best_checkpoint(metric="val_accuracy", mode="max") or fit.checkpoint
-    if best is None:
-        raise RuntimeError(f"{task}: training finished without a checkpoint")
+    best = _best_epoch_checkpoint(fit, task)
     staged = staging_dir(paths, "model")
     paths.fs.create_dir(staged, recursive=True)
     pafs.copy_files(best.path, staged, source_filesystem=best.filesystem, destination_filesystem=paths.fs)
@@ -273,6 +274,16 @@ def train_model(cfg: JobConfig, task: Task, data: TaskData, paths: RunPaths, res
     )
     result.paths["model"] = paths.uri("model")
     return paths.uri("model")
+
+
+def _best_epoch_checkpoint(fit, task: Task):
+    """The validated checkpoint with the best val accuracy: one taken at the end of an epoch, never a
+    mid-epoch one (``checkpoint_every_steps``), which has no validation."""
+    epochs = [(ckpt, m) for ckpt, m in fit.best_checkpoints or [] if m.get("step") is None]
+    if not epochs:
+        raise RuntimeError(f"{task}: training finished without an end-of-epoch checkpoint")
+    # Ties go to the earlier epoch, as Ray Train's get_best_checkpoint did.
+    return max(epochs, key=lambda entry: (entry[1]["val_accuracy"], -entry[1]["epoch"]))[0]
 
 
 def _latest_history(fit, best_history: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -1,7 +1,9 @@
 """Ray Train worker loop (DDP) and the trainer builder.
 
 Every epoch all ranks call ``ray.train.report`` once (it is a barrier); rank 0 attaches the checkpoint.
-A restarted worker group resumes from ``ray.train.get_checkpoint()``.
+With ``checkpoint_every_steps`` they also report every N steps inside an epoch (the ranks' shards are equal,
+so they reach each such step together). A restarted worker group resumes from
+``ray.train.get_checkpoint()``: after the epoch it finished or, for a mid-epoch checkpoint, at its step.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import contextlib
 import logging
 import tempfile
 import time
+from collections.abc import Callable
+from itertools import islice
 from typing import Any
 
 import torch
@@ -68,14 +72,25 @@ def _noting_first(batches, noted: list[float]):
         yield batch
 
 
-def train_epoch(model: nn.Module, optimizer, batches, kind: str, device: torch.device) -> tuple[float, int]:
-    """One pass over the shard. Returns (summed loss, samples).
+def train_epoch(
+    model: nn.Module,
+    optimizer,
+    batches,
+    kind: str,
+    device: torch.device,
+    first_step: int = 0,
+    every: int | None = None,
+    on_checkpoint: Callable[[int, float, int], None] | None = None,
+) -> tuple[float, int]:
+    """One pass over ``batches``, the epoch's batches from step ``first_step`` on. Returns (summed loss,
+    samples) of the steps taken here. With ``every``, ``on_checkpoint(step, summed loss, samples)`` runs
+    after each step number (counted from the epoch's start) that is a multiple of it.
 
-    The loss is summed on the device and read once at the end: a ``.item()`` per step would make the host
-    wait for the GPU every step instead of queueing the next one."""
+    The loss is summed on the device and read once at the end (or at a checkpoint): a ``.item()`` per step
+    would make the host wait for the GPU every step instead of queueing the next one."""
     model.train()
     total_loss, seen = torch.zeros((), dtype=torch.float64, device=device), 0
-    for batch in batches:
+    for step, batch in enumerate(batches, start=first_step + 1):
         with _autocast(device):
             logits = forward_batch(model, kind, batch)
         loss = F.cross_entropy(logits.float(), batch["y"])
@@ -85,6 +100,8 @@ def train_epoch(model: nn.Module, optimizer, batches, kind: str, device: torch.d
         n = batch["y"].shape[0]
         total_loss += loss.detach() * n
         seen += n
+        if every and on_checkpoint and step % every == 0:
+            on_checkpoint(step, total_loss.item(), seen)
     return total_loss.item(), seen
 
 
@@ -111,6 +128,24 @@ def _all_reduce(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
+# Ray Train 2.60's controller collects each worker's reports every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s)
+# through a queue that holds one: a worker that reports more often waits in report() (measured: 4 mid-epoch
+# checkpoints in a 2.3 s epoch made it 6.4-8.6 s).
+MIN_CHECKPOINT_INTERVAL_S = 5.0
+
+
+def _warn_if_too_frequent(state: dict[str, Any], speak: bool) -> None:
+    now = time.perf_counter()
+    interval = now - state["at"] if state["at"] is not None else None
+    state["at"] = now
+    if speak and interval is not None and interval < MIN_CHECKPOINT_INTERVAL_S and not state["warned"]:
+        state["warned"] = True
+        log.warning(
+            f"mid-epoch checkpoints come every {interval:.1f}s; Ray Train takes a report about every 2s, so "
+            f"training waits on them: raise train.checkpoint_every_steps (>= {MIN_CHECKPOINT_INTERVAL_S:.0f}s apart)"
+        )
+
+
 def _quiet_per_epoch_logs() -> None:
     """Every epoch each rank would log Ray Data's execution banners for each of its two iterators; rank 0's
     one epoch line says it all. Warnings and errors still show."""
@@ -132,43 +167,85 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
     model = fast_layout(build_model(kind, cfg["model_args"]).to(device))
     optimizer = torch.optim.Adam(model.parameters(), lr=tcfg["lr"])
-    start_epoch, history = 0, []
+    start_epoch, start_step, carried, history = 0, 0, {"loss_sum": 0.0, "seen": 0}, []
     resume = ray.train.get_checkpoint()
     if resume:
         with resume.as_directory() as ckpt_dir:
             meta = load_training_state(ckpt_dir, model, optimizer)
-        start_epoch, history = meta["epoch"] + 1, meta.get("history", [])
+        history = meta.get("history", [])
+        if meta.get("step"):  # taken inside epoch meta["epoch"], after meta["step"] of its steps
+            start_epoch, start_step, carried = meta["epoch"], meta["step"], meta["partial"]
+        else:
+            start_epoch = meta["epoch"] + 1
+        if rank == 0:
+            at = f"epoch {start_epoch + 1}" + (f" after its step {start_step}" if start_step else "")
+            log.info(f"[{kind}] resuming at {at}, from the last registered checkpoint")
     model = ray.train.torch.prepare_model(model)
     raw_model = model.module if hasattr(model, "module") else model
+
+    def report(metrics: dict[str, Any], meta: dict[str, Any]) -> None:
+        """All ranks report (a barrier); rank 0 attaches the checkpoint with ``meta``."""
+        if rank != 0:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            save_checkpoint(tmp, raw_model, optimizer, {**cfg["meta"], **meta, "history": history})
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     train_shard = ray.train.get_dataset_shard(shard_name("train", rank))
     val_shard = ray.train.get_dataset_shard(shard_name("val", rank))
     first_batch_at: list[float] = []
+    last_mid_epoch_checkpoint = {"at": None, "warned": False}
     for epoch in range(start_epoch, tcfg["epochs"]):
         t0, started_at = time.perf_counter(), time.time()
-        batches = _batches(train_shard, kind, tcfg["batch_size"], device)
-        loss_sum, seen = train_epoch(model, optimizer, _noting_first(batches, first_batch_at), kind, device)
+        first_step = start_step if epoch == start_epoch else 0
+        before = carried if epoch == start_epoch else {"loss_sum": 0.0, "seen": 0}
+
+        def checkpoint_mid_epoch(step: int, loss_sum: float, seen: int, epoch=epoch, before=before) -> None:
+            loss_sum, seen = _all_reduce([loss_sum, seen], device)
+            partial = {"loss_sum": before["loss_sum"] + loss_sum, "seen": int(before["seen"] + seen)}
+            # No validation metrics: the pipeline picks its best checkpoint among the epochs' ends.
+            metrics = {
+                "epoch": epoch,
+                "step": step,
+                "train_loss": partial["loss_sum"] / max(partial["seen"], 1),
+            }
+            report(metrics, {"epoch": epoch, "step": step, "partial": partial})
+            _warn_if_too_frequent(last_mid_epoch_checkpoint, rank == 0)
+
+        # The shard's order is fixed (materialized once, cut once on the driver), so the steps a mid-epoch
+        # checkpoint already took are the first ``first_step`` batches: read past them, do not train on them.
+        batches = islice(_batches(train_shard, kind, tcfg["batch_size"], device), first_step, None)
+        loss_sum, seen = train_epoch(
+            model, optimizer, _noting_first(batches, first_batch_at), kind, device,
+            first_step, tcfg.get("checkpoint_every_steps"), checkpoint_mid_epoch,
+        )  # fmt: skip
         train_s = time.perf_counter() - t0
         val_loss, correct, val_seen = eval_epoch(
             model, _batches(val_shard, kind, tcfg["batch_size"], device), kind, device
         )
-        loss_sum, seen, val_loss, correct, val_seen, sum_train_s = _all_reduce(
-            [loss_sum, seen, val_loss, correct, val_seen, train_s], device
+        trained_here, loss_sum, seen, val_loss, correct, val_seen, sum_train_s = _all_reduce(
+            [seen, loss_sum, seen, val_loss, correct, val_seen, train_s], device
         )
+        loss_sum, seen = loss_sum + before["loss_sum"], seen + before["seen"]
         train_s = sum_train_s / ctx.get_world_size()  # mean over ranks
         metrics = {
             "epoch": epoch,
             "train_loss": loss_sum / max(seen, 1),
+            "train_samples": int(seen),
             "val_loss": val_loss / max(val_seen, 1),
             "val_accuracy": correct / max(val_seen, 1),
             "val_rows": int(val_seen),
-            "samples_per_s": seen / max(train_s, 1e-9),
+            "samples_per_s": trained_here / max(train_s, 1e-9),  # the steps this worker group took
             "epoch_s": time.perf_counter() - t0,
             # Wall clock of the training pass (rank 0's start, mean length): lines up with other samplers,
             # e.g. the benchmark's GPU utilization.
             "train_started_at": started_at,
             "train_s": train_s,
-            "resumed_from_epoch": start_epoch - 1 if start_epoch else None,
+            # The checkpoint this worker group started from: its epoch, and for a mid-epoch one the steps
+            # of that epoch it had taken (None: the checkpoint ended its epoch).
+            "resumed_from_epoch": (start_epoch if start_step else start_epoch - 1) if resume else None,
+            "resumed_at_step": start_step or None,
             # Seconds from the driver's fit() to this worker group's first training batch: controller and
             # worker start, process group, model, dataset shards. One host's clock: exact on one machine.
             "first_batch_after_s": first_batch_at[0] - cfg["fit_started_at"] if first_batch_at else None,
@@ -183,9 +260,4 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 f"val_loss {metrics['val_loss']:.4f} val_acc {metrics['val_accuracy']:.2%} "
                 f"{metrics['samples_per_s']:,.0f} samples/s {metrics['epoch_s']:.1f}s, ~{left:.0f}s left"
             )
-            with tempfile.TemporaryDirectory() as tmp:
-                meta = {**cfg["meta"], "epoch": epoch, "metrics": metrics, "history": history}
-                save_checkpoint(tmp, raw_model, optimizer, meta)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        else:
-            ray.train.report(metrics)
+        report(metrics, {"epoch": epoch, "metrics": metrics})

@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-import psutil
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 from conftest import config_for
-from faultutil import registered_checkpoints
+from faultutil import kill_process_when, kill_tree, latest_registered_metrics, registered_checkpoints
 
 from dlbatch.demo import make_text_table
 from dlbatch.runner import run_predict, run_train
@@ -25,45 +20,6 @@ from dlbatch.store import SUCCESS
 
 REPO = Path(__file__).parents[1]
 RUN_DATE = "2026-11-25"
-
-
-def _ray_process_pids(title: str, started_after: float | None) -> list[int]:
-    """PIDs of live Ray worker processes whose title starts with ``ray::{title}`` (an actor class, or the
-    task a worker is running), started after ``started_after`` (actors of earlier tests may still be exiting).
-
-    Read from the OS, not Ray's state API: that API can time out on a loaded 2-core machine."""
-    pids = []
-    for proc in psutil.process_iter(["cmdline", "create_time", "status"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        alive = proc.info["status"] not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
-        created = proc.info["create_time"]
-        fresh = started_after is None or created >= started_after
-        if cmdline.startswith(f"ray::{title}") and fresh and alive:
-            pids.append(proc.pid)
-    return pids
-
-
-def _kill_process_when(
-    title: str, ready, state: dict, timeout: float = 240, new_processes_only: bool = True
-) -> threading.Thread:
-    """SIGKILL one live Ray process titled ``ray::{title}...`` once ``ready()`` is true; records what it
-    killed. ``new_processes_only=False`` for work Ray may run in an already started (idle) worker process."""
-
-    started = time.time() if new_processes_only else None
-
-    def run():
-        deadline = time.time() + timeout
-        while time.time() < deadline and "killed_pid" not in state:
-            pids = _ray_process_pids(title, started) if ready() else []
-            if pids:
-                os.kill(pids[0], signal.SIGKILL)
-                state["killed_pid"], state["killed_at"] = pids[0], time.time()
-                return
-            time.sleep(0.1)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +38,7 @@ def trained_text(ray_cluster, demo_root, tmp_path_factory):
     state: dict = {}
     # Kill once the controller has *registered* two checkpoints (its snapshot file): checkpoint files on
     # disk are not enough, one still being reported when a worker dies is dropped and not resumed from.
-    killer = _kill_process_when("RayTrainWorker", lambda: registered_checkpoints(storage) >= 2, state)
+    killer = kill_process_when("RayTrainWorker", lambda: registered_checkpoints(storage) >= 2, state)
     started = time.time()
     [summary] = run_train(cfg)
     killer.join(timeout=1)
@@ -113,17 +69,33 @@ def test_rerun_of_finished_training_does_not_retrain(trained_text):
     assert time.time() - started < 60
 
 
-def _kill_tree(job: subprocess.Popen) -> None:
-    """SIGKILL a job and its private Ray instance at once, as when its machine or pod dies. Ray starts each
-    worker in its own process group, so killing the job's group alone leaves workers that can still finish
-    a block and write it into the dead attempt's staging directory after the rerun has cleaned it."""
-    tree = psutil.Process(job.pid).children(recursive=True)
-    os.killpg(job.pid, signal.SIGKILL)
-    for proc in tree:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.kill()
-    job.wait()
-    psutil.wait_procs(tree, timeout=30)
+def test_worker_killed_mid_epoch_resumes_at_the_checkpointed_step(ray_cluster, demo_root, tmp_path):
+    """With checkpoint_every_steps, a worker lost mid-epoch costs the steps since the last checkpoint, not
+    the epoch: the restarted group reads past the steps already taken and finishes that epoch."""
+    cfg = config_for(
+        tmp_path, "text", demo_root, "text.train.epochs=3", "text.train.batch_size=8",
+        "text.train.checkpoint_every_steps=40", "text.train.max_failures=2",
+    )  # fmt: skip
+    storage = tmp_path / "ray_results" / f"text-{RUN_DATE}"
+    state: dict = {}
+    killer = kill_process_when(
+        "RayTrainWorker", lambda: (latest_registered_metrics(storage) or {}).get("step") is not None, state
+    )
+    [summary] = run_train(cfg)
+    killer.join(timeout=1)
+    assert "killed_pid" in state, "the worker was never killed: the test did not test anything"
+    history = summary["history"]
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+    resumed = [h for h in history if h["resumed_at_step"] is not None]
+    assert resumed, "the restarted group did not resume from a mid-epoch checkpoint"
+    first = resumed[0]
+    assert first["resumed_at_step"] % 40 == 0 and first["resumed_from_epoch"] == first["epoch"]
+    # Every epoch trained on exactly its rows once: the resumed one counts the checkpoint's steps plus the
+    # steps after them (skipping too few or too many batches would change its count).
+    assert len({h["train_samples"] for h in history}) == 1
+    assert history[0]["train_samples"] == 1500
+    assert summary["test_accuracy"] > 0.5
+    print(f"mid-epoch kill: resumed epoch {first['epoch']} at step {first['resumed_at_step']}")
 
 
 def _big_score_split(root: Path, rows: int) -> Path:
@@ -150,7 +122,7 @@ def test_prediction_job_killed_midway_leaves_nothing_visible_then_rerun_is_exact
         assert job.poll() is None, "the job ended before it was killed"
         assert time.time() < deadline
         time.sleep(0.1)
-    _kill_tree(job)
+    kill_tree(job)
 
     # Killed mid-write: readers see no predictions at all (no directory, no _SUCCESS).
     assert not (run_dir / "predictions").exists()
@@ -182,7 +154,7 @@ def test_inference_process_killed_output_is_still_exact(trained_text, tmp_path, 
     staging = out / "runs" / RUN_DATE / "text" / "_staging"
     state: dict = {}
     # Kill once some predictions are written: the model is loaded and batches are done and in flight.
-    killer = _kill_process_when(
+    killer = kill_process_when(
         title, lambda: bool(list(staging.glob("predictions-*/*.parquet"))), state, new_processes_only=False
     )
     [summary] = run_predict(load_config(None, overrides))
