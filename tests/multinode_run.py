@@ -1,7 +1,9 @@
 """Helper run by test_multinode.py in its own process: a 3-node Ray cluster on this machine
 (``ray.cluster_utils.Cluster``), training spread over two nodes, one worker node removed mid-training.
 
-    python tests/multinode_run.py OUTPUT_ROOT TRAIN VAL TEST   # prints one JSON line
+    python tests/multinode_run.py OUTPUT_ROOT TRAIN VAL TEST [--no-fault]   # prints one JSON line
+
+``--no-fault`` trains on the same 3-node cluster without removing a node: bench/faults.py's baseline.
 """
 
 import json
@@ -19,7 +21,7 @@ from dlbatch.config import load_config
 from dlbatch.runner import run_train
 
 
-def main(out: str, train: str, val: str, test: str) -> dict:
+def main(out: str, train: str, val: str, test: str, fault: bool = True) -> dict:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
     workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
     cluster.wait_for_nodes()
@@ -60,10 +62,12 @@ def main(out: str, train: str, val: str, test: str) -> dict:
             time.sleep(0.2)
 
     remover = threading.Thread(target=remove_a_worker_node, daemon=True)
-    remover.start()
+    if fault:
+        remover.start()
     started = time.time()
     [summary] = run_train(cfg)
-    remover.join(timeout=1)
+    if fault:
+        remover.join(timeout=1)
     result = {"summary": summary, **state, "seconds": time.time() - started}
     ray.shutdown()
     cluster.shutdown()
@@ -71,4 +75,4 @@ def main(out: str, train: str, val: str, test: str) -> dict:
 
 
 if __name__ == "__main__":
-    print("RESULT " + json.dumps(main(*sys.argv[1:5]), default=str))
+    print("RESULT " + json.dumps(main(*sys.argv[1:5], fault="--no-fault" not in sys.argv[5:]), default=str))

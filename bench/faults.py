@@ -1,0 +1,287 @@
+"""What each injected fault costs: the same work with and without the fault, on the same data and machine,
+in one run. Faults are real: processes killed with SIGKILL, a node removed from a running cluster.
+
+    python bench/faults.py [--train-rows 60000] [--score-rows 40000] [--out bench/faults.json]
+
+Faults (text task; the image task shares every code path measured here):
+  training worker killed 60% into epoch 2, with end-of-epoch checkpoints only, and again with mid-epoch
+  checkpoints (train.checkpoint_every_steps); the clean run of each has the same checkpoints;
+  a worker node removed mid-training on a 3-node cluster on this machine (tests/multinode_run.py);
+  a prediction job killed once it has written its first file, then run again;
+  an inference process killed mid-job, with an actor pool and with Ray tasks.
+Lost seconds = faulted - clean, of the stage that was hit (fit(), the prediction stage, or the whole job
+from its start to its rerun's end). Every faulted run is also checked for exact output: every epoch trained
+on every row once; one prediction per input row, no duplicate ids. Prints one table; writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # the fault-injection helpers the fault tests use
+
+from faultutil import kill_process_when, kill_tree, registered_metrics  # noqa: E402
+
+from dlbatch.config import load_config  # noqa: E402
+from dlbatch.demo import make_text_table, write_demo_data  # noqa: E402
+from dlbatch.runner import run_predict, run_train  # noqa: E402
+
+RUN_DATE = "2026-11-25"
+EPOCHS = 3
+KILL_INTO_EPOCH = 0.6  # the worker dies this far into epoch 2 (of the clean run's epoch time)
+
+
+def _overrides(out: Path, data: dict[str, str], *extra: str) -> list[str]:
+    splits = [f"text.data.{split}={path}" for split, path in data.items()]
+    return ["tasks=[text]", f"output_root={out}", f"run_date={RUN_DATE}", *splits, *extra]
+
+
+def _train(out: Path, data: dict[str, str], extra: list[str], kill_after_s: float | None = None) -> dict:
+    """One fit; with ``kill_after_s``, one training worker is SIGKILLed that long after epoch 1's
+    checkpoint is registered (the restarted group resumes from the latest registered checkpoint)."""
+    cfg = load_config(None, _overrides(out, data, f"text.train.epochs={EPOCHS}", *extra))
+    storage = out / "ray_results" / f"text-{RUN_DATE}"
+    state: dict = {}
+    if kill_after_s is not None:
+
+        def ready() -> bool:
+            if "epoch_1_registered_at" not in state:
+                metrics = registered_metrics(storage)
+                if not any(m.get("epoch") == 0 and m.get("step") is None for m in metrics):
+                    return False
+                state["epoch_1_registered_at"] = time.time()
+            return time.time() - state["epoch_1_registered_at"] >= kill_after_s
+
+        killer = kill_process_when("RayTrainWorker", ready, state)
+    [summary] = run_train(cfg)
+    if kill_after_s is not None:
+        killer.join(timeout=1)
+    history = summary["history"]
+    resumed = next((h for h in history if h["resumed_from_epoch"] is not None), None)
+    return {
+        "fit_s": summary["durations_s"]["train"],
+        "killed": "killed_pid" in state if kill_after_s is not None else None,
+        "epoch_s": [h["epoch_s"] for h in history],
+        "resumed_from": None if resumed is None else {
+            "epoch": resumed["resumed_from_epoch"], "step": resumed["resumed_at_step"]},
+        # Exact: epochs 0..n-1 once each, and each one trained on the same number of samples.
+        "exact": [h["epoch"] for h in history] == list(range(EPOCHS))
+        and len({h["train_samples"] for h in history}) == 1,
+        "test_accuracy": summary["test_accuracy"],
+    }  # fmt: skip
+
+
+def _rows(pred_dir: Path, expected: int) -> dict:
+    ids = pads.dataset(pred_dir, format="parquet").to_table(columns=["id"])["id"]
+    distinct = pc.count_distinct(ids).as_py()
+    return {"rows": len(ids), "distinct_ids": distinct, "exact": len(ids) == distinct == expected}
+
+
+def _predict_job(out: Path, score: Path) -> subprocess.Popen:
+    args = ["tasks=[text]", f"output_root={out}", f"text.data.score={score}", "force=true"]
+    return subprocess.Popen(
+        [sys.executable, "jobs/predict.py", f"--run-date={RUN_DATE}", *args],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+
+
+def predict_job_killed(out: Path, score: Path, rows: int) -> dict:
+    """Whole prediction jobs (their own local Ray each): clean, then killed at its first staged file and
+    run again. Lost = (killed job's time + rerun) - clean job."""
+    run_dir = out / "runs" / RUN_DATE / "text"
+    t0 = time.time()
+    assert _predict_job(out, score).wait() == 0
+    clean_s = time.time() - t0
+    published = sorted(p.name for p in (run_dir / "predictions").iterdir())
+
+    t0 = time.time()
+    job = _predict_job(out, score)
+    while not list((run_dir / "_staging").glob("predictions-*/*.parquet")):
+        if job.poll() is not None:
+            raise RuntimeError("the prediction job ended before it could be killed")
+        time.sleep(0.05)
+    kill_tree(job)
+    killed_after_s = time.time() - t0
+    # What readers see after the kill: the previous published output, untouched (no partial rows).
+    untouched = sorted(p.name for p in (run_dir / "predictions").iterdir()) == published
+    t0 = time.time()
+    assert _predict_job(out, score).wait() == 0
+    rerun_s = time.time() - t0
+    return {
+        "clean_s": clean_s,
+        "faulted_s": killed_after_s + rerun_s,
+        "killed_after_s": killed_after_s,
+        "previous_output_untouched": untouched,
+        **_rows(run_dir / "predictions", rows),
+    }
+
+
+def inference_killed(out: Path, score: Path, rows: int, compute: str, title: str) -> dict:
+    """The prediction stage in this process, clean and with one inference process killed once the first
+    predictions are staged. Lost = the faulted stage's time - the clean stage's."""
+    cfg = load_config(None, _overrides(out, {"score": str(score)}, "force=true",
+                                       f"text.predict.compute={compute}", "text.predict.batch_size=128"))  # fmt: skip
+    run_dir = out / "runs" / RUN_DATE / "text"
+    [clean] = run_predict(cfg)
+    state: dict = {}
+    killer = kill_process_when(
+        title,
+        lambda: bool(list((run_dir / "_staging").glob("predictions-*/*.parquet"))),
+        state,
+        new_processes_only=False,
+    )
+    [faulted] = run_predict(cfg)
+    killer.join(timeout=1)
+    return {
+        "clean_s": clean["durations_s"]["predict"],
+        "faulted_s": faulted["durations_s"]["predict"],
+        "killed": "killed_pid" in state,
+        **_rows(run_dir / "predictions", rows),
+    }
+
+
+def node_removed(root: Path, data: dict[str, str]) -> dict:
+    """tests/multinode_run.py (3 nodes, training spread over two, 10 epochs) without and with a worker
+    node removed once a checkpoint is registered."""
+    runs = {}
+    for name, flag in (("clean", ["--no-fault"]), ("faulted", [])):
+        out = root / f"multinode-{name}"
+        done = subprocess.run(
+            [sys.executable, str(REPO / "tests" / "multinode_run.py"), str(out),
+             data["train"], data["val"], data["test"], *flag],
+            cwd=REPO, capture_output=True, text=True, timeout=900,
+        )  # fmt: skip
+        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        if done.returncode != 0 or not lines:
+            raise RuntimeError(f"multinode_run.py {name} failed:\n{(done.stdout + done.stderr)[-3000:]}")
+        runs[name] = json.loads(lines[0].removeprefix("RESULT "))
+    history = runs["faulted"]["summary"]["history"]
+    resumed = {h["resumed_from_epoch"] for h in history} - {None}
+    return {
+        "clean_s": runs["clean"]["summary"]["durations_s"]["train"],
+        "faulted_s": runs["faulted"]["summary"]["durations_s"]["train"],
+        "killed": "removed_node" in runs["faulted"],
+        "resumed_from": {"epoch": min(resumed), "step": None} if resumed else None,
+        "exact": [h["epoch"] for h in history] == list(range(10)),
+    }
+
+
+def _where(resumed: dict | None) -> str:
+    """Where a restarted worker group resumed, counting epochs from 1 as the job's log lines do."""
+    if not resumed:
+        return "-"
+    if resumed.get("step"):
+        return f"epoch {resumed['epoch'] + 1} step {resumed['step']}"
+    return f"end of epoch {resumed['epoch'] + 1}"
+
+
+def print_table(results: dict) -> None:
+    print(
+        f"\nfault costs ({results['train_rows']:,} training rows, {EPOCHS} epochs; {results['score_rows']:,} rows scored)"
+    )
+    rows = []
+    for name, label in (
+        ("worker_killed_epoch_checkpoints", "training worker killed, epoch checkpoints"),
+        (
+            "worker_killed_mid_epoch_checkpoints",
+            f"  same, checkpoint every {results['checkpoint_every_steps']} steps",
+        ),
+    ):
+        clean, faulted = results[name]["clean"], results[name]["faulted"]
+        rows.append((label, clean["fit_s"], faulted["fit_s"], faulted["resumed_from"],
+                     faulted["exact"] and faulted["killed"]))  # fmt: skip
+    for name, label in (
+        ("node_removed", "worker node removed (3 nodes, 10 epochs)"),
+        ("predict_job_killed", "prediction job killed, then rerun"),
+        ("actor_killed", "inference actor killed"),
+        ("task_killed", "inference task's worker killed"),
+    ):
+        r = results[name]
+        ok = r["exact"] and r.get("killed", True) and r.get("previous_output_untouched", True)
+        rows.append((label, r["clean_s"], r["faulted_s"], r.get("resumed_from"), ok))
+    print(f"{'fault':44} {'clean s':>8} {'faulted s':>9} {'lost s':>7}  {'resumed from':18} exact")
+    for label, clean_s, faulted_s, resumed, ok in rows:
+        print(
+            f"{label:44} {clean_s:8.1f} {faulted_s:9.1f} {faulted_s - clean_s:7.1f}  {_where(resumed):18} {ok}"
+        )
+    print(
+        f"(the training worker is killed {results['kill_after_s']:.1f} s after epoch 1's checkpoint is registered)"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--train-rows", type=int, default=60_000)
+    parser.add_argument("--score-rows", type=int, default=40_000)
+    parser.add_argument("--checkpoint-every-steps", type=int, default=None,
+                        help="mid-epoch checkpoint interval (default: a quarter of an epoch's steps)")  # fmt: skip
+    parser.add_argument("--out", default=str(Path(__file__).parent / "faults.json"))
+    args = parser.parse_args()
+
+    root = Path(tempfile.mkdtemp(prefix="dlbatch-faults-"))
+    try:
+        data = write_demo_data(root / "data", "text", train_rows=args.train_rows, seed=0)
+        small = write_demo_data(root / "data", "text", train_rows=1500, seed=0)
+        score = root / "score"
+        score.mkdir()
+        table = make_text_table(args.score_rows, seed=9, with_labels=False)
+        for i in range(8):
+            pq.write_table(
+                table.slice(i * args.score_rows // 8, args.score_rows // 8), score / f"part-{i}.parquet"
+            )
+
+        batch = 32
+        steps_per_epoch = args.train_rows // 2 // batch  # two workers
+        every = args.checkpoint_every_steps or max(1, steps_per_epoch // 4)
+        mid_epoch = [f"text.train.batch_size={batch}", f"text.train.checkpoint_every_steps={every}"]
+        epoch_only = [f"text.train.batch_size={batch}"]
+
+        results: dict = {"train_rows": args.train_rows, "score_rows": args.score_rows, "epochs": EPOCHS,
+                         "checkpoint_every_steps": every, "steps_per_epoch": steps_per_epoch}  # fmt: skip
+        clean = _train(root / "train-clean", data, epoch_only)
+        kill_after_s = KILL_INTO_EPOCH * statistics.median(clean["epoch_s"])
+        results["worker_killed_epoch_checkpoints"] = {
+            "clean": clean, "faulted": _train(root / "train-faulted", data, epoch_only, kill_after_s)}  # fmt: skip
+        results["worker_killed_mid_epoch_checkpoints"] = {
+            "clean": _train(root / "mid-clean", data, mid_epoch),
+            "faulted": _train(root / "mid-faulted", data, mid_epoch, kill_after_s),
+        }
+        results["kill_after_s"] = kill_after_s
+
+        model_root = root / "train-clean"  # holds the trained model the prediction runs use
+        results["predict_job_killed"] = predict_job_killed(model_root, score, args.score_rows)
+        results["actor_killed"] = inference_killed(
+            model_root, score, args.score_rows, "actors", "MapWorker(MapBatches(Predictor))"
+        )
+        results["task_killed"] = inference_killed(
+            model_root, score, args.score_rows, "tasks", "MapBatches(predict_batch)"
+        )
+        import ray
+
+        ray.shutdown()  # the multi-node helper starts its own 3-node cluster
+        results["node_removed"] = node_removed(root, small)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    print_table(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
