@@ -147,9 +147,15 @@ def _warn_if_too_frequent(state: dict[str, Any], speak: bool) -> None:
 
 
 def _quiet_per_epoch_logs() -> None:
-    """Every epoch each rank would log Ray Data's execution banners for each of its two iterators; rank 0's
-    one epoch line says it all. Warnings and errors still show."""
+    """Every epoch each rank would log Ray Data's execution banners for each of its two iterators, and Ray
+    Train a "Reporting training result" line with the whole metrics dict for every report (mid-epoch
+    checkpoints too); rank 0's one epoch line says it all. Warnings and errors still show."""
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    try:  # Ray Train names that logger by its module's file path (a private module: skip if it moves)
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:

@@ -73,6 +73,7 @@ def test_ray_job_submit_runs_the_nightly_job(ray_head, tmp_path):
     assert "[text] test accuracy" in log
     # The epoch line that `ray job logs -f` users follow, once (a print() in a worker would show twice).
     assert log.count("[text] epoch 1/1: train_loss") == 1, log[-3000:]
+    assert "Reporting training result" not in log  # Ray Train's per-report line with every metric, per rank
     assert "succeeded" in log
     pred_dir = out / "runs" / "2026-11-25" / "text" / "predictions"
     assert (pred_dir / "_SUCCESS").exists()
