@@ -134,11 +134,12 @@ def _all_reduce(values: list[float], device: torch.device) -> list[float]:
 MIN_CHECKPOINT_INTERVAL_S = 5.0
 
 
-def _warn_if_too_frequent(state: dict[str, Any], speak: bool) -> None:
+def _warn_if_too_frequent(state: dict[str, Any]) -> None:
+    """Warn once when two mid-epoch checkpoints come closer than MIN_CHECKPOINT_INTERVAL_S."""
     now = time.perf_counter()
     interval = now - state["at"] if state["at"] is not None else None
     state["at"] = now
-    if speak and interval is not None and interval < MIN_CHECKPOINT_INTERVAL_S and not state["warned"]:
+    if interval is not None and interval < MIN_CHECKPOINT_INTERVAL_S and not state["warned"]:
         state["warned"] = True
         log.warning(
             f"mid-epoch checkpoints come every {interval:.1f}s; Ray Train takes a report about every 2s, so "
@@ -217,7 +218,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 "train_loss": partial["loss_sum"] / max(partial["seen"], 1),
             }
             report(metrics, {"epoch": epoch, "step": step, "partial": partial})
-            _warn_if_too_frequent(last_mid_epoch_checkpoint, rank == 0)
+            if rank == 0:
+                _warn_if_too_frequent(last_mid_epoch_checkpoint)
 
         # The shard's order is fixed (materialized once, cut once on the driver), so the steps a mid-epoch
         # checkpoint already took are the first ``first_step`` batches: read past them, do not train on them.
@@ -230,10 +232,11 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         val_loss, correct, val_seen = eval_epoch(
             model, _batches(val_shard, kind, tcfg["batch_size"], device), kind, device
         )
-        trained_here, loss_sum, seen, val_loss, correct, val_seen, sum_train_s = _all_reduce(
-            [seen, loss_sum, seen, val_loss, correct, val_seen, train_s], device
+        loss_sum, trained_here, val_loss, correct, val_seen, sum_train_s = _all_reduce(
+            [loss_sum, seen, val_loss, correct, val_seen, train_s], device
         )
-        loss_sum, seen = loss_sum + before["loss_sum"], seen + before["seen"]
+        # The whole epoch's sums: a resumed epoch adds what its mid-epoch checkpoint had summed.
+        loss_sum, seen = loss_sum + before["loss_sum"], trained_here + before["seen"]
         train_s = sum_train_s / ctx.get_world_size()  # mean over ranks
         metrics = {
             "epoch": epoch,
