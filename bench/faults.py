@@ -28,15 +28,14 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the fault-injection helpers the fault tests use
 
-from faultutil import kill_process_when, kill_tree, registered_metrics  # noqa: E402
+from faultutil import kill_process_when, kill_tree, registered_metrics, write_score_split  # noqa: E402
 
 from dlbatch.config import load_config  # noqa: E402
-from dlbatch.demo import make_text_table, write_demo_data  # noqa: E402
+from dlbatch.demo import write_demo_data  # noqa: E402
 from dlbatch.runner import run_predict, run_train  # noqa: E402
 
 RUN_DATE = "2026-11-25"
@@ -237,13 +236,7 @@ def main() -> int:
     try:
         data = write_demo_data(root / "data", "text", train_rows=args.train_rows, seed=0)
         small = write_demo_data(root / "data", "text", train_rows=1500, seed=0)
-        score = root / "score"
-        score.mkdir()
-        table = make_text_table(args.score_rows, seed=9, with_labels=False)
-        for i in range(8):
-            pq.write_table(
-                table.slice(i * args.score_rows // 8, args.score_rows // 8), score / f"part-{i}.parquet"
-            )
+        score = write_score_split(root / "score", args.score_rows)
 
         batch = 32
         steps_per_epoch = args.train_rows // 2 // batch  # two workers

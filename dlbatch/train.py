@@ -226,7 +226,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         batches = islice(_batches(train_shard, kind, tcfg["batch_size"], device), first_step, None)
         loss_sum, seen = train_epoch(
             model, optimizer, _noting_first(batches, first_batch_at), kind, device,
-            first_step, tcfg.get("checkpoint_every_steps"), checkpoint_mid_epoch,
+            first_step, tcfg["checkpoint_every_steps"], checkpoint_mid_epoch,
         )  # fmt: skip
         train_s = time.perf_counter() - t0
         val_loss, correct, val_seen = eval_epoch(

@@ -11,6 +11,9 @@ import time
 from pathlib import Path
 
 import psutil
+import pyarrow.parquet as pq
+
+from dlbatch.demo import make_text_table
 
 
 def _snapshot(storage: Path) -> dict:
@@ -86,3 +89,13 @@ def kill_tree(job: subprocess.Popen) -> None:
             proc.kill()
     job.wait()
     psutil.wait_procs(tree, timeout=30)
+
+
+def write_score_split(score: Path, rows: int, files: int = 8) -> Path:
+    """An unlabeled text split of ``rows`` rows in ``files`` Parquet files (all rows, any ``rows``)."""
+    score.mkdir(parents=True)
+    table = make_text_table(rows, seed=9, with_labels=False)
+    bounds = [i * rows // files for i in range(files + 1)]
+    for i in range(files):
+        pq.write_table(table.slice(bounds[i], bounds[i + 1] - bounds[i]), score / f"part-{i}.parquet")
+    return score

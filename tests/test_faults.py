@@ -9,12 +9,16 @@ import time
 from pathlib import Path
 
 import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 import pytest
 from conftest import config_for
-from faultutil import kill_process_when, kill_tree, latest_registered_metrics, registered_checkpoints
+from faultutil import (
+    kill_process_when,
+    kill_tree,
+    latest_registered_metrics,
+    registered_checkpoints,
+    write_score_split,
+)
 
-from dlbatch.demo import make_text_table
 from dlbatch.runner import run_predict, run_train
 from dlbatch.store import SUCCESS
 
@@ -100,19 +104,9 @@ def test_worker_killed_mid_epoch_resumes_at_the_checkpointed_step(ray_cluster, d
     print(f"mid-epoch kill: resumed epoch {first['epoch']} at step {first['resumed_at_step']}")
 
 
-def _big_score_split(root: Path, rows: int) -> Path:
-    score = root / "score-big"
-    score.mkdir()
-    table = make_text_table(rows, seed=9, with_labels=False)
-    for i in range(8):
-        part = table.slice(i * rows // 8, rows // 8)
-        pq.write_table(part, score / f"part-{i}.parquet")
-    return score
-
-
 def test_prediction_job_killed_midway_leaves_nothing_visible_then_rerun_is_exact(trained_text, tmp_path):
     cfg, out, _, _, _ = trained_text
-    score = _big_score_split(tmp_path, 40_000)
+    score = write_score_split(tmp_path / "score-big", 40_000)
     run_dir = out / "runs" / RUN_DATE / "text"
     args = ["tasks=[text]", f"output_root={out}", f"text.data.score={score}", "text.predict.batch_size=256"]
     job = subprocess.Popen(
@@ -148,7 +142,7 @@ def test_prediction_job_killed_midway_leaves_nothing_visible_then_rerun_is_exact
 )
 def test_inference_process_killed_output_is_still_exact(trained_text, tmp_path, compute, title):
     cfg, out, _, _, _ = trained_text
-    score = _big_score_split(tmp_path, 40_000)
+    score = write_score_split(tmp_path / "score-big", 40_000)
     from dlbatch.config import load_config
 
     overrides = [f"run_date={RUN_DATE}", "tasks=[text]", f"output_root={out}", f"text.data.score={score}",
