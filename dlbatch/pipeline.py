@@ -202,6 +202,8 @@ def train_model(cfg: JobConfig, task: Task, data: TaskData, paths: RunPaths, res
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from dlbatch.backend import GlooConfig
+
     tcfg = cfg.task(task).train
     model_dir = paths.path("model")
     if is_published(paths.fs, model_dir):
@@ -225,6 +227,8 @@ def train_model(cfg: JobConfig, task: Task, data: TaskData, paths: RunPaths, res
             "meta": data.meta,
             "fit_started_at": time.time(),
         },
+        # On CPU, the gloo setup that keeps torch out of the Train controller (see dlbatch.backend).
+        torch_config=None if tcfg.use_gpu else GlooConfig(),
         scaling_config=ray.train.ScalingConfig(
             num_workers=tcfg.num_workers,
             use_gpu=tcfg.use_gpu,
