@@ -27,7 +27,7 @@ class GlooConfig(BackendConfig):
     """Pass as ``TorchTrainer(torch_config=GlooConfig())`` for CPU training."""
 
     backend: str = "gloo"  # TorchTrainer reads it; only gloo is set up here
-    timeout_s: int = 1800  # a collective that waits longer fails the step (and the fit retries)
+    timeout_s: int = 1800  # a collective that waits longer raises; the fit retries up to train.max_failures
 
     @property
     def backend_cls(self):
@@ -63,8 +63,6 @@ def _join(addr: str, port: int, rank: int, world_size: int, timeout_s: int) -> N
 
     import torch.distributed as dist
 
-    if dist.is_initialized():  # a worker that already joined (never expected; Ray starts fresh workers)
-        return
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, str(port)
     dist.init_process_group(
         "gloo",
