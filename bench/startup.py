@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from itertools import pairwise
 from pathlib import Path
 
@@ -75,15 +76,21 @@ def create_time_offset() -> float:
     return offset
 
 
+def process_name(titles: Counter) -> str:
+    """A process's name from the titles sampled: Ray retitles its workers as they run ("ray::IDLE", then
+    "ray::RayTrainWorker", "ray::execute._join" during a call), and a sample may catch a title half
+    rewritten. The most frequent "ray::<name>" without a method, else the most frequent title."""
+    actors = Counter({t: n for t, n in titles.items() if t.startswith("ray::") and "." not in t})
+    return (actors or titles).most_common(1)[0][0]
+
+
 def window_report(samples: list, start: float, end: float, offset: float = 0.0) -> dict:
     """Per process: start offset, CPU seconds within [start, end], last busy moment; cores busy per second.
     ``offset`` is subtracted from the processes' start times (see ``create_time_offset``)."""
     names, created, series = {}, {}, {}
     for now, row in samples:
         for pid, (name, cpu, born) in row.items():
-            # Ray renames its workers (ray::RayTrainWorker, ...) once they run: keep the latest such name.
-            if pid not in names or name.startswith("ray::"):
-                names[pid] = name
+            names.setdefault(pid, Counter())[name] += 1
             created[pid] = born
             series.setdefault(pid, []).append((now, cpu))
     processes = []
@@ -100,7 +107,7 @@ def window_report(samples: list, start: float, end: float, offset: float = 0.0) 
         busy_until = max((t1 for (_, c0), (t1, c1) in steps if c1 - c0 > 0.03), default=start)
         processes.append(
             {
-                "process": names[pid][:70],
+                "process": process_name(names[pid])[:70],
                 "started_s": round(created[pid] - offset - start, 1),
                 "cpu_s": round(used, 2),
                 "busy_until_s": round(busy_until - start, 1),
