@@ -5,8 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pytest
-
 
 def _imports_torch_when_unpickled(config, tmp_path) -> bool:
     """Unpickle ``config`` in a fresh interpreter, as Ray Train's controller does; did that import torch?"""
@@ -33,8 +31,8 @@ def test_the_controller_unpickles_the_cpu_backend_config_without_torch(tmp_path)
     assert _imports_torch_when_unpickled(TorchConfig(backend="gloo"), tmp_path)
 
 
-@pytest.mark.parametrize("workers", [3])
-def test_the_workers_form_one_gloo_group(ray_cluster, tmp_path, workers):
+def test_the_workers_form_one_gloo_group(ray_cluster, tmp_path):
+    workers = 3
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -60,7 +58,7 @@ def test_the_workers_form_one_gloo_group(ray_cluster, tmp_path, workers):
         group_facts,
         torch_config=GlooConfig(),
         scaling_config=ray.train.ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
-        run_config=ray.train.RunConfig(name=f"gloo-{workers}", storage_path=str(tmp_path)),
+        run_config=ray.train.RunConfig(name="gloo", storage_path=str(tmp_path)),
     ).fit()
     # Rank 0's answer: one group of all the workers, with Ray Train's ranks, and a collective across it.
     assert result.return_value == {
