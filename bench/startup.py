@@ -48,9 +48,8 @@ class ProcessSampler:
                 if cpu is None:  # gone, or not ours to read
                     continue
                 name = " ".join(proc.info["cmdline"] or []) or proc.name()
-                name = name.split("site-packages/")[
-                    -1
-                ].strip()  # ray/core/src/ray/raylet/raylet ..., not the venv
+                # "ray/core/src/ray/raylet/raylet ...", not the venv's path; Ray pads its titles with spaces.
+                name = name.split("site-packages/")[-1].strip()
                 row[proc.pid] = (name, cpu.user + cpu.system, proc.info["create_time"])
             self.samples.append((now, row))
             self._stop.wait(self.interval)
@@ -118,7 +117,8 @@ def window_report(samples: list, start: float, end: float, offset: float = 0.0) 
     for (_, row0), (t1, row1) in pairwise(samples):
         if start <= t1 <= end:
             second = int(t1 - start)
-            delta = sum(max(0.0, cpu - row0[pid][1]) for pid, (_, cpu, _) in row1.items() if pid in row0)
+            # A process first seen in this sample was born since the last one: all its CPU is new.
+            delta = sum(max(0.0, cpu - row0.get(pid, (None, 0.0))[1]) for pid, (_, cpu, _) in row1.items())
             cores[second] = cores.get(second, 0.0) + delta
     return {"processes": processes, "cores_busy_per_second": [round(cores[k], 1) for k in sorted(cores)]}
 
