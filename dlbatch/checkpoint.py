@@ -2,7 +2,8 @@
 
 A checkpoint directory holds:
 - ``model.pt``: the unwrapped model's ``state_dict`` (tensors only, loaded with ``weights_only=True``);
-- ``optimizer.pt``: the optimizer's ``state_dict`` (same);
+- ``optimizer.pt``: the optimizer's ``state_dict`` (same; ``torch.optim.Adam``'s layout, whether GPU
+  training wrote it or CPU training's ``dlbatch.parallel.Adam``);
 - ``meta.json``: epoch, model kind and args, label names, vocabulary, metrics and the task config.
 The vocabulary and label map travel with the weights, so a model is never used with another one.
 """
@@ -18,12 +19,16 @@ from torch import nn
 
 from dlbatch.errors import CheckpointError
 from dlbatch.models import build_model
+from dlbatch.parallel import Adam
 
 MODEL_FILE, OPTIM_FILE, META_FILE = "model.pt", "optimizer.pt", "meta.json"
 
 
 def save_checkpoint(
-    ckpt_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, meta: dict[str, Any]
+    ckpt_dir: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | Adam | None,
+    meta: dict[str, Any],
 ) -> None:
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -73,12 +78,18 @@ def load_model(ckpt_dir: str | Path, device: str | torch.device = "cpu") -> tupl
 
 
 def load_training_state(
-    ckpt_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer
+    ckpt_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | Adam
 ) -> dict[str, Any]:
     """Restore model and optimizer in place for a resumed run; returns the metadata (``epoch`` included)."""
     meta = load_meta(ckpt_dir)
     model.load_state_dict(_load_tensors(Path(ckpt_dir) / MODEL_FILE, "cpu"))
     optim_path = Path(ckpt_dir) / OPTIM_FILE
     if optim_path.exists():
-        optimizer.load_state_dict(_load_tensors(optim_path, "cpu"))
+        try:
+            optimizer.load_state_dict(_load_tensors(optim_path, "cpu"))
+        except (ValueError, KeyError, TypeError) as err:  # made for another model or optimizer
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise CheckpointError(
+                f"{optim_path}: optimizer state does not fit this model ({reason})"
+            ) from None
     return meta

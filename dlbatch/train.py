@@ -1,4 +1,4 @@
-"""Ray Train worker loop (DDP) and the trainer builder.
+"""Ray Train worker loop (data-parallel: DDP on GPUs, ``dlbatch.parallel`` on CPUs) and the trainer builder.
 
 Every epoch all ranks call ``ray.train.report`` once (it is a barrier); rank 0 attaches the checkpoint.
 With ``checkpoint_every_steps`` they also report every N steps inside an epoch (the ranks' shards are equal,
@@ -24,6 +24,7 @@ from torch import nn
 from dlbatch.checkpoint import load_training_state, save_checkpoint
 from dlbatch.cluster import use_assigned_cpus
 from dlbatch.models import build_model, fast_layout, forward_batch
+from dlbatch.parallel import Adam, GradientAverager
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +82,13 @@ def train_epoch(
     first_step: int = 0,
     every: int | None = None,
     on_checkpoint: Callable[[int, float, int], None] | None = None,
+    average_gradients: Callable[[], None] | None = None,
 ) -> tuple[float, int]:
     """One pass over ``batches``, the epoch's batches from step ``first_step`` on. Returns (summed loss,
     samples) of the steps taken here. With ``every``, ``on_checkpoint(step, summed loss, samples)`` runs
     after each step number (counted from the epoch's start) that is a multiple of it.
+    ``average_gradients`` runs between the backward pass and the optimizer step (None: a DDP model
+    averages them itself).
 
     The loss is summed on the device and read once at the end (or at a checkpoint): a ``.item()`` per step
     would make the host wait for the GPU every step instead of queueing the next one."""
@@ -96,6 +100,8 @@ def train_epoch(
         loss = F.cross_entropy(logits.float(), batch["y"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if average_gradients is not None:
+            average_gradients()
         optimizer.step()
         n = batch["y"].shape[0]
         total_loss += loss.detach() * n
@@ -173,7 +179,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
 
     model = fast_layout(build_model(kind, cfg["model_args"]).to(device))
-    optimizer = torch.optim.Adam(model.parameters(), lr=tcfg["lr"])
+    # The same Adam either way (checkpoints move between them); see dlbatch/parallel.py for why CPUs differ.
+    on_gpu = device.type == "cuda"
+    optimizer = (torch.optim.Adam if on_gpu else Adam)(model.parameters(), lr=tcfg["lr"])
     start_epoch, start_step, carried, history = 0, 0, {"loss_sum": 0.0, "seen": 0}, []
     resume = ray.train.get_checkpoint()
     if resume:
@@ -187,8 +195,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         if rank == 0:
             at = f"epoch {start_epoch + 1}" + (f" after its step {start_step}" if start_step else "")
             log.info(f"[{kind}] resuming at {at}, from the last registered checkpoint")
-    model = ray.train.torch.prepare_model(model)
+    model = ray.train.torch.prepare_model(model, parallel_strategy="ddp" if on_gpu else None)
     raw_model = model.module if hasattr(model, "module") else model
+    average_gradients = None if on_gpu else GradientAverager(model)
 
     def report(metrics: dict[str, Any], meta: dict[str, Any]) -> None:
         """All ranks report (a barrier); rank 0 attaches the checkpoint with ``meta``."""
@@ -226,7 +235,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         batches = islice(_batches(train_shard, kind, tcfg["batch_size"], device), first_step, None)
         loss_sum, seen = train_epoch(
             model, optimizer, _noting_first(batches, first_batch_at), kind, device,
-            first_step, tcfg["checkpoint_every_steps"], checkpoint_mid_epoch,
+            first_step, tcfg["checkpoint_every_steps"], checkpoint_mid_epoch, average_gradients,
         )  # fmt: skip
         train_s = time.perf_counter() - t0
         val_loss, correct, val_seen = eval_epoch(
