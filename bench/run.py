@@ -1,6 +1,7 @@
 """Throughput benchmark: dlbatch vs. a plain single-process PyTorch loop, same data and machine, one run.
 
     python bench/run.py [--infer-rows 50000] [--train-rows 6000] [--repeats 3] [--batch-size N] [--gpu]
+                        [image.model.conv_channels=[128,256,256] ...]
 
 Prints one table of ratios and writes bench/results.json. Measures:
   training samples/s (steady state: median of the epochs after the first), CNN and GRU;
@@ -158,10 +159,18 @@ def steady(history: list[dict]) -> float:
 
 
 def bench_training(
-    root: str, train_rows: int, epochs: int, repeats: int, gpus: int, batch_size: int | None = None
+    root: str,
+    train_rows: int,
+    epochs: int,
+    repeats: int,
+    gpus: int,
+    batch_size: int | None = None,
+    overrides: tuple[str, ...] = (),
 ) -> dict:
     """Per task, ``repeats`` alternating rounds of dlbatch then the plain loop(s); medians of the rounds'
-    steady-state samples/s (each round's own figure is the median of its epochs after the first)."""
+    steady-state samples/s (each round's own figure is the median of its epochs after the first).
+    ``overrides`` (config ``key=value``) apply to both sides: the plain loop builds the model from the
+    same data metadata."""
     out = {}
     for task in ("image", "text"):
         runs: dict[str, list[float]] = {"dlbatch": [], "plain": [], "plain_same_layout": []}
@@ -169,6 +178,7 @@ def bench_training(
         extra = [f"{task}.train.use_gpu=true", f"{task}.train.num_workers={gpus}"] if gpus else []
         if batch_size:
             extra.append(f"{task}.train.batch_size={batch_size}")
+        extra += [o for o in overrides if o.startswith(f"{task}.")]
         for rep in range(repeats):
             cfg = load_config(None, [f"tasks=[{task}]", f"output_root={root}/train-{task}-{rep}",
                                      f"demo_rows={train_rows}", f"{task}.train.epochs={epochs}",
@@ -330,7 +340,17 @@ def main() -> int:
         action="store_true",
         help="train on every GPU (one worker each), score with one actor per GPU",
     )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides for training, both sides (image.* or text.*), e.g. a CNN with more work per "
+        "sample: image.model.conv_channels=[128,256,256] image.model.hidden=512",
+    )
     args = parser.parse_args()
+    for override in args.overrides:
+        if "=" not in override or not override.startswith(("image.", "text.")):
+            parser.error(f"{override!r}: expected image.<key>=<value> or text.<key>=<value>")
     gpus = torch.cuda.device_count() if args.gpu else 0
     if args.gpu and not gpus:
         parser.error("--gpu: torch sees no CUDA device")
@@ -349,8 +369,9 @@ def main() -> int:
     results: dict = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "ray": ray.__version__}}
     if gpus:
         results["machine"]["gpus"] = [torch.cuda.get_device_name(i) for i in range(gpus)]
+    results["overrides"] = args.overrides
     results["training"] = bench_training(
-        root, args.train_rows, args.epochs, args.repeats, gpus, args.batch_size
+        root, args.train_rows, args.epochs, args.repeats, gpus, args.batch_size, tuple(args.overrides)
     )
     save(results)  # what is measured so far survives a later stage that fails
     for task, r in results["training"].items():
