@@ -52,6 +52,10 @@ def load_meta(ckpt_dir: str | Path) -> dict[str, Any]:
     return meta
 
 
+def _first_line(err: Exception) -> str:
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
 def _load_tensors(path: Path, device: str | torch.device) -> dict[str, Any]:
     try:
         # weights_only: a checkpoint path is input, and unrestricted unpickling of input is code execution.
@@ -59,8 +63,7 @@ def _load_tensors(path: Path, device: str | torch.device) -> dict[str, Any]:
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing from checkpoint") from None
     except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError... for bad files
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise CheckpointError(f"{path}: cannot load checkpoint weights ({reason})") from None
+        raise CheckpointError(f"{path}: cannot load checkpoint weights ({_first_line(err)})") from None
 
 
 def load_model(ckpt_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
@@ -72,7 +75,7 @@ def load_model(ckpt_dir: str | Path, device: str | torch.device = "cpu") -> tupl
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as err:
         raise CheckpointError(
-            f"{ckpt_dir}: weights do not match the model in meta.json ({str(err).splitlines()[0]})"
+            f"{ckpt_dir}: weights do not match the model in meta.json ({_first_line(err)})"
         ) from None
     return model.to(device).eval(), meta
 
@@ -88,8 +91,7 @@ def load_training_state(
         try:
             optimizer.load_state_dict(_load_tensors(optim_path, "cpu"))
         except (ValueError, KeyError, TypeError) as err:  # made for another model or optimizer
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise CheckpointError(
-                f"{optim_path}: optimizer state does not fit this model ({reason})"
+                f"{optim_path}: optimizer state does not fit this model ({_first_line(err)})"
             ) from None
     return meta
