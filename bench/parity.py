@@ -1,4 +1,4 @@
-"""Accuracy parity: dlbatch (Ray Data + Ray Train DDP) vs. a plain single-process PyTorch loop.
+"""Accuracy parity: dlbatch (Ray Data + Ray Train, data-parallel) vs. a plain single-process PyTorch loop.
 
 Same demo data, same preprocessing, model, epochs and *global* batch size (workers x per-worker batch).
 

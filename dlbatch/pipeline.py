@@ -178,7 +178,7 @@ def split_for_ranks(datasets: dict[str, Any], num_workers: int) -> dict[str, Any
     Ray Train's default would stream-split every split at every epoch through one coordinator actor per
     split: two more processes per fit, started last, on the way to the first batch (~4 s of the fit's
     fixed cost on 2 cores, measured). The data is already materialized, so a static split costs nothing.
-    Training parts are equal (DDP ranks must take the same number of steps; up to ``num_workers - 1``
+    Training parts are equal (data-parallel ranks must take the same number of steps; up to ``num_workers - 1``
     rows are left out, as ``streaming_split(equal=True)`` did); validation keeps every row.
     """
     out = {}
