@@ -138,3 +138,25 @@ def test_training_rows_come_in_one_order_per_seed(ray_cluster, tmp_path):
     file_orders = {tuple(ids[::300]) for ids in (first, *(order(seed) for seed in (1, 2, 3)))}
     assert len(file_orders) > 1  # the seed does shuffle the files
     assert ray.data.DataContext.get_current().execution_options.preserve_order is False  # only that dataset
+
+
+def test_each_rank_iterates_its_part_in_one_order_every_epoch(ray_cluster):
+    """A rank's batches come in its part's order on every pass, as the worker iterates them: a mid-epoch
+    resume skips the batches its checkpoint took, and a rerun must train the same model."""
+    import ray.data
+
+    from dlbatch.pipeline import split_for_ranks
+    from dlbatch.train import shard_name
+
+    data = ray.data.range(6000, override_num_blocks=60).map_batches(lambda b: b, batch_size=50).materialize()
+    parts = split_for_ranks({"train": data}, 2)
+    for rank in range(2):
+        part = parts[shard_name("train", rank)]
+        stored = [row["id"] for row in part.take_all()]
+
+        def one_pass(part=part):
+            batches = part.iterator().iter_torch_batches(batch_size=64, prefetch_batches=2)
+            return [int(i) for batch in batches for i in batch["id"]]
+
+        assert one_pass() == stored
+        assert one_pass() == stored
