@@ -193,10 +193,10 @@ def split_for_ranks(datasets: dict[str, Any], num_workers: int) -> dict[str, Any
         for rank, part in enumerate(parts):
             # Off a terminal, each rank's per-epoch progress bar is an empty line in the job's log.
             part.context.enable_progress_bars = False
-            # Each rank iterates its part in this order, every epoch and every run: a mid-epoch resume
-            # skips the batches its checkpoint already took, and a rerun trains the same model. Without
-            # it the iterator handed over the blocks in another order each epoch and each run (measured:
-            # another label sequence per epoch; two identical 1-worker fits ended 0.0024 apart in val loss).
+            # Iterate each part in its stored order: a mid-epoch resume skips the batches its checkpoint
+            # already took, so every epoch must see the same sequence. Without this the iterator hands the
+            # blocks over in varying order (tests/test_pipeline.py). Not yet enough inside Ray Train: two
+            # identical fits still differ from their second epoch on (session 8 note).
             part.context.execution_options.preserve_order = True
             out[shard_name(split, rank)] = part
     return out
