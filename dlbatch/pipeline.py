@@ -196,7 +196,7 @@ def split_for_ranks(datasets: dict[str, Any], num_workers: int) -> dict[str, Any
             # Iterate each part in its stored order: a mid-epoch resume skips the batches its checkpoint
             # already took, so every epoch must see the same sequence. Without this the iterator hands the
             # blocks over in varying order (tests/test_pipeline.py). Not yet enough inside Ray Train: two
-            # identical fits still differ from their second epoch on (session 8 note).
+            # identical fits still train different models (session 8 note).
             part.context.execution_options.preserve_order = True
             out[shard_name(split, rank)] = part
     return out
