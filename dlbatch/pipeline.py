@@ -193,13 +193,23 @@ def split_for_ranks(datasets: dict[str, Any], num_workers: int) -> dict[str, Any
         for rank, part in enumerate(parts):
             # Off a terminal, each rank's per-epoch progress bar is an empty line in the job's log.
             part.context.enable_progress_bars = False
-            # Iterate each part in its stored order: a mid-epoch resume skips the batches its checkpoint
-            # already took, so every epoch must see the same sequence. Without this the iterator hands the
-            # blocks over in varying order (tests/test_pipeline.py). Not yet enough inside Ray Train: two
-            # identical fits still train different models (session 8 note).
-            part.context.execution_options.preserve_order = True
             out[shard_name(split, rank)] = part
     return out
+
+
+def ingest_config():
+    """Ray Train's data config for the parts ``split_for_ranks`` cut: no further splitting, and each rank
+    iterates its part in the stored order, every epoch and every run.
+
+    The order must hold: a mid-epoch resume skips the batches its checkpoint already took, and a rerun
+    should train the same model. Ray Train gives every dataset the execution options of this config (by
+    default the driver's, where ``preserve_order`` is off) and its iterator then handed the blocks over in
+    another order each epoch: two identical fits trained different models (measured, session 8)."""
+    import ray.train
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return ray.train.DataConfig(datasets_to_split=[], execution_options=options)
 
 
 def train_model(cfg: JobConfig, task: Task, data: TaskData, paths: RunPaths, result: TaskResult) -> str:
@@ -241,7 +251,7 @@ def train_model(cfg: JobConfig, task: Task, data: TaskData, paths: RunPaths, res
             placement_strategy=tcfg.placement_strategy,
         ),
         datasets=split_for_ranks(datasets, tcfg.num_workers),
-        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+        dataset_config=ingest_config(),
         run_config=ray.train.RunConfig(
             name=paths.run_id,
             storage_path=paths.storage_path,

@@ -141,21 +141,25 @@ def test_training_rows_come_in_one_order_per_seed(ray_cluster, tmp_path):
 
 
 def test_each_rank_iterates_its_part_in_one_order_every_epoch(ray_cluster):
-    """A rank's batches come in its part's order on every pass, as the worker iterates them: a mid-epoch
-    resume skips the batches its checkpoint took, and a rerun must train the same model."""
+    """Through Ray Train's data config, as its dataset manager builds each rank's iterator: the batches
+    come in the part's stored order on every pass (a mid-epoch resume skips the batches its checkpoint
+    took, and a rerun must train the same model)."""
     import ray.data
 
-    from dlbatch.pipeline import split_for_ranks
+    from dlbatch.pipeline import ingest_config, split_for_ranks
     from dlbatch.train import shard_name
 
     data = ray.data.range(6000, override_num_blocks=60).map_batches(lambda b: b, batch_size=50).materialize()
     parts = split_for_ranks({"train": data}, 2)
     for rank in range(2):
-        part = parts[shard_name("train", rank)]
-        stored = [row["id"] for row in part.take_all()]
+        name = shard_name("train", rank)
+        stored = [row["id"] for row in parts[name].take_all()]
+        [iterators] = ingest_config().configure(
+            datasets={name: parts[name]}, world_size=1, worker_handles=None, worker_node_ids=None
+        )
 
-        def one_pass(part=part):
-            batches = part.iterator().iter_torch_batches(batch_size=64, prefetch_batches=2)
+        def one_pass(iterator=iterators[name]):
+            batches = iterator.iter_torch_batches(batch_size=64, prefetch_batches=2)
             return [int(i) for batch in batches for i in batch["id"]]
 
         assert one_pass() == stored
