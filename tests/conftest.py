@@ -4,6 +4,8 @@ here, so tests share the cluster rather than each starting one)."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -43,6 +45,15 @@ def config_for(tmp_path, task: str, demo_paths: dict, *overrides: str):
     return load_config(
         None, [f"tasks=[{task}]", f"output_root={tmp_path}", "run_date=2026-11-25", *data, *overrides]
     )
+
+
+def fresh_python(code: str) -> str:
+    """Run ``code`` in a new interpreter (nothing imported yet, as in a new Ray worker); its last line of
+    output."""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    return out.stdout.strip().splitlines()[-1]
 
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
+from conftest import fresh_python
 
 
 def _imports_torch_when_unpickled(config, tmp_path) -> bool:
@@ -15,10 +14,7 @@ def _imports_torch_when_unpickled(config, tmp_path) -> bool:
     code = (
         f"import pickle, sys; pickle.loads(open({str(blob)!r}, 'rb').read()); print('torch' in sys.modules)"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
-    )
-    return out.stdout.strip().splitlines()[-1] == "True"
+    return fresh_python(code) == "True"
 
 
 def test_the_controller_unpickles_the_cpu_backend_config_without_torch(tmp_path):

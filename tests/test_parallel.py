@@ -4,11 +4,10 @@ between the two, and no torch._dynamo import in the workers (the reason it exist
 from __future__ import annotations
 
 import copy
-import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import fresh_python
 
 from dlbatch.checkpoint import load_training_state, save_checkpoint
 from dlbatch.errors import CheckpointError
@@ -110,10 +109,7 @@ batch = {{"tokens": torch.randint(1, 50, (4, 6)), "length": torch.tensor([6, 2, 
 train_epoch(model, optimizer, [batch], "text", torch.device("cpu"), average_gradients=GradientAverager(model))
 print("torch._dynamo" in sys.modules)
 """
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
-    )
-    return out.stdout.strip().splitlines()[-1] == "True"
+    return fresh_python(code) == "True"
 
 
 def test_a_cpu_training_step_does_not_import_the_compiler():
