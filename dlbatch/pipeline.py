@@ -205,10 +205,15 @@ def ingest_config():
     should train the same model. Ray Train gives every dataset the execution options of this config (by
     default the driver's, where ``preserve_order`` is off) and its iterator then handed the blocks over in
     another order each epoch: two identical fits trained different models (measured, session 8)."""
+    import ray.data
     import ray.train
 
-    options = ray.train.DataConfig.default_ingest_options()
-    options.preserve_order = True
+    driver = ray.data.DataContext.get_current().execution_options
+    # Ray Train's own default_ingest_options() copies the deprecated exclude_resources too, and Ray then
+    # printed a deprecation warning into the job's log at every fit; these are the fields it copies.
+    options = ray.data.ExecutionOptions(
+        resource_limits=driver.resource_limits, preserve_order=True, verbose_progress=driver.verbose_progress
+    )
     return ray.train.DataConfig(datasets_to_split=[], execution_options=options)
 
 
