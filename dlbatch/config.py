@@ -95,6 +95,10 @@ class PredictConfig(_Frozen):
     # "tasks" (a stage of Ray tasks on every CPU in front of the pool, so a GPU actor only runs the model),
     # "auto": tasks when gpus_per_actor > 0. Task-mode inference always preprocesses in its own tasks.
     preprocess: Literal["auto", "actor", "tasks"] = "auto"
+    # The score split is scored in parts of about this many rows (whole files; a larger file is a part of
+    # its own). A finished part is kept in staging: a rerun after a killed attempt scores only the parts
+    # that did not finish. Each part is one Ray Data run, so GPU actors restart (~7 s) between parts.
+    rows_per_part: int = Field(default=1_000_000, ge=1)
 
 
 class TaskConfig(_Frozen):

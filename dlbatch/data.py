@@ -54,6 +54,7 @@ class SplitInfo:
     has_label: bool
     label_type: str | None  # "int" | "string" | None
     extra: dict[str, Any] = field(default_factory=dict)
+    file_rows: list[int] = field(default_factory=list)  # rows per file, in the order of ``files``
 
 
 def _list_parquet_files(fs: pafs.FileSystem, root: str, display: str, partition: dict[str, str]) -> list[str]:
@@ -153,9 +154,10 @@ def inspect_split(
         img = task_cfg["image"]
         shape = (img["channels"], img["height"], img["width"])
     label_col = data_cfg["label_column"]
-    total, schema, label_type = 0, None, None
+    total, schema, label_type, file_rows = 0, None, None, []
     for f in files:
         file_schema, rows = _read_schema(fs, f)
+        file_rows.append(rows)
         _check_feature(f, file_schema, kind, feature, shape)
         if needs_label and label_col not in file_schema.names:
             raise DataError(
@@ -190,6 +192,7 @@ def inspect_split(
         has_id=data_cfg["id_column"] in schema.names,
         has_label=label_col in schema.names,
         label_type=label_type,
+        file_rows=file_rows,
     )
 
 

@@ -7,15 +7,24 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import pyarrow.fs as pafs
 
 from dlbatch.config import JobConfig, Task
-from dlbatch.data import SplitInfo, build_label_names, build_vocab, inspect_split, read_split, split_columns
+from dlbatch.data import (
+    SplitInfo,
+    build_label_names,
+    build_vocab,
+    inspect_split,
+    read_split,
+    resolve_path,
+    split_columns,
+)
 from dlbatch.demo import write_demo_data
 from dlbatch.errors import DataError
 from dlbatch.models import model_args_for
@@ -24,13 +33,18 @@ from dlbatch.preprocess import preprocess_for_training
 from dlbatch.store import (
     SUCCESS,
     RunPaths,
+    finished_parts,
     is_published,
+    mark_part_done,
     mark_published,
     move_into_place,
+    part_key,
+    plan_parts,
     publish_split,
     read_json,
     remove_if_exists,
     staging_dir,
+    tree_fingerprint,
 )
 from dlbatch.train import FEATURES, shard_name, train_loop_per_worker
 
@@ -376,29 +390,67 @@ def predict_scores(
     result: TaskResult,
     model_version: str | None = None,
 ) -> str:
-    """Score the score split; publish predictions and rejects all-or-nothing. Idempotent per run."""
+    """Score the score split; publish predictions and rejects all-or-nothing. Idempotent per run.
+
+    The split is scored in parts of whole files (``predict.rows_per_part`` rows at most, unless one file
+    holds more). Each finished part stays in staging with a done marker, keyed by its input files (path,
+    size, modification time), the model's files and the task config: a rerun after a killed attempt
+    keeps the parts that finished and scores the rest; with ``force``, or once anything in a part's key
+    changed, that part is scored again."""
     pred_dir = paths.path("predictions")
     if not cfg.force and is_published(paths.fs, pred_dir):
         log.info("%s: predictions already published at %s; not redone", task, paths.uri("predictions"))
         result.paths["predictions"] = paths.uri("predictions")
         return paths.uri("predictions")
     t0 = time.perf_counter()
-    remove_if_exists(paths.fs, paths.path("_staging"))  # leftovers of a killed attempt; one writer per run
+    fs, staging, parts_dir = paths.fs, paths.path("_staging"), paths.path("_staging", "score-parts")
+    # Leftovers of a killed attempt (one writer per run); its finished parts are kept unless forced.
+    for leftover in fs.get_file_info(pafs.FileSelector(staging, allow_not_found=True)):
+        if cfg.force or leftover.path != parts_dir:
+            remove_if_exists(fs, leftover.path)
     info = data.splits["score"]
     task_cfg = cfg.task(task).model_dump()
     id_column = task_cfg["data"]["id_column"]
     run_info = {"model_version": model_version or paths.run_id, "run_date": paths.run_date}
-    staged = staging_dir(paths, "predictions")
-    predict_dataset(
-        read_split(info, columns=split_columns(info, task_cfg, task, with_label=False)),
-        model_uri,
-        task_cfg,
-        run_info,
-    ).write_parquet(staged, filesystem=paths.fs)
+    model_fs, model_path = resolve_path(model_uri)
+    fingerprint = {"model": tree_fingerprint(model_fs, [model_path]), "config": task_cfg, "run": run_info}
+    inputs = tree_fingerprint(info.filesystem, info.files)
+    by_path = {path: (path, size, mtime) for path, size, mtime in inputs}
+    plan = plan_parts(info.file_rows, task_cfg["predict"]["rows_per_part"])
+    keys = [part_key([by_path[info.files[i]] for i in part], fingerprint) for part in plan]
+    done = finished_parts(fs, parts_dir, set(keys))
+    if done:
+        log.info(
+            "%s: %d of %d score parts were finished by an earlier attempt; not redone",
+            task,
+            len(done),
+            len(plan),
+        )
+    columns = split_columns(info, task_cfg, task, with_label=False)
+    staged = []
+    for number, (key, part) in enumerate(zip(keys, plan, strict=True), 1):
+        if key in done:
+            staged.append(done[key])
+            continue
+        files = [info.files[i] for i in part]
+        rows = sum(info.file_rows[i] for i in part)
+        if len(plan) > 1:
+            log.info(
+                "%s: scoring part %d of %d (%d files, %d rows)", task, number, len(plan), len(files), rows
+            )
+        part_dir = f"{parts_dir}/{key}-{uuid.uuid4().hex[:12]}"
+        part_info = replace(info, files=files, file_rows=[info.file_rows[i] for i in part], num_rows=rows)
+        predict_dataset(read_split(part_info, columns=columns), model_uri, task_cfg, run_info).write_parquet(
+            part_dir, filesystem=fs
+        )
+        mark_part_done(fs, part_dir, {"files": files, "rows": rows})
+        staged.append(part_dir)
+    result.metrics["score_parts"] = {"parts": len(plan), "reused": len(done)}
     keep = [id_column, *task_cfg["data"]["passthrough_columns"], *PRED_COLUMNS, "model_version", "run_date"]
     used, rejected = publish_split(
-        paths.fs, staged, pred_dir, paths.path("rejects", "score"), keep, [id_column, *REJECT_COLUMNS]
-    )
+        fs, staged, pred_dir, paths.path("rejects", "score"), keep, [id_column, *REJECT_COLUMNS],
+        tmp=paths.path("_staging", "publish"),
+    )  # fmt: skip
     # Again after publishing: a task of a killed attempt that was still running when this run started
     # may have written its block into that attempt's staging directory since.
     remove_if_exists(paths.fs, paths.path("_staging"))

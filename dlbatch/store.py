@@ -6,6 +6,7 @@ next run. On a local filesystem the finished directory is also moved into place 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from dataclasses import dataclass
@@ -81,27 +82,88 @@ def move_into_place(fs: pafs.FileSystem, src: str, dst: str) -> None:
         fs.delete_dir(src)
 
 
+PART_DONE = "_PART_DONE"
+
+
+def plan_parts(file_rows: list[int], rows_per_part: int) -> list[list[int]]:
+    """Consecutive files grouped into parts of at most ``rows_per_part`` rows (a larger file is a part of
+    its own); each part is the list of its files' indices."""
+    parts: list[list[int]] = []
+    rows = 0
+    for i, n in enumerate(file_rows):
+        if not parts or (rows + n > rows_per_part and parts[-1]):
+            parts.append([])
+            rows = 0
+        parts[-1].append(i)
+        rows += n
+    return parts
+
+
+def tree_fingerprint(fs: pafs.FileSystem, paths: list[str]) -> list[tuple[str, int | None, int | None]]:
+    """(path, size, modification time in ns) of each file, or of every file under each directory."""
+    found = []
+    for info in fs.get_file_info(paths):
+        if info.type == pafs.FileType.Directory:
+            found += tree_fingerprint(fs, [f.path for f in fs.get_file_info(pafs.FileSelector(info.path))])
+        else:
+            found.append((info.path, info.size, info.mtime_ns))
+    return sorted(found)
+
+
+def part_key(inputs: list[tuple[str, int | None, int | None]], fingerprint: dict[str, Any]) -> str:
+    """What a staged part's output depends on: its input files as they are now, the model and the config."""
+    blob = json.dumps({"inputs": inputs, "fingerprint": fingerprint}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def finished_parts(fs: pafs.FileSystem, parts_dir: str, wanted: set[str]) -> dict[str, str]:
+    """The staged parts a killed attempt finished (its done marker written) whose key is still wanted, as
+    key -> directory. Everything else under ``parts_dir`` is deleted: unfinished parts, and parts of other
+    inputs, another model or another config."""
+    found: dict[str, str] = {}
+    for info in fs.get_file_info(pafs.FileSelector(parts_dir, allow_not_found=True)):
+        key = info.base_name.rsplit("-", 1)[0]
+        done = fs.get_file_info(f"{info.path}/{PART_DONE}").type == pafs.FileType.File
+        if info.type == pafs.FileType.Directory and done and key in wanted and key not in found:
+            found[key] = info.path
+        else:
+            remove_if_exists(fs, info.path)
+    return found
+
+
+def mark_part_done(fs: pafs.FileSystem, part_dir: str, info: dict[str, Any]) -> None:
+    fs.create_dir(part_dir, recursive=True)  # a part that wrote no rows still finished
+    with fs.open_output_stream(f"{part_dir}/{PART_DONE}") as out:
+        out.write(json.dumps(info, default=str).encode())
+
+
 def publish_split(
     fs: pafs.FileSystem,
-    staged: str,
+    staged: list[str],
     dest: str,
     rejects_dest: str,
     keep_columns: list[str],
     reject_columns: list[str],
+    tmp: str,
 ) -> tuple[int, int]:
-    """Split a staged Parquet directory into ``dest`` (rows without a reject reason, ``keep_columns``) and
-    ``rejects_dest`` (rows with one), stream-copying only these small output columns; then mark ``dest``
-    published. Returns (kept rows, rejected rows)."""
-    tmp = f"{staged}.publish"
-    if fs.get_file_info(staged).type == pafs.FileType.NotFound:
-        fs.create_dir(staged)
-    dataset = pads.dataset(staged, filesystem=fs, format="parquet")
+    """Split the Parquet files of the staged directories into ``dest`` (rows without a reject reason,
+    ``keep_columns``) and ``rejects_dest`` (rows with one), stream-copying only these small output
+    columns, assembled in ``tmp`` (a staging path); then mark ``dest`` published and delete the staged
+    directories. Returns (kept rows, rejected rows)."""
+    remove_if_exists(fs, tmp)
+    files = sorted(
+        info.path
+        for d in staged
+        for info in fs.get_file_info(pafs.FileSelector(d, allow_not_found=True))
+        if info.type == pafs.FileType.File and info.base_name.endswith(".parquet")
+    )
+    dataset = pads.dataset(files, filesystem=fs, format="parquet") if files else None
     ok = pc.field("reject_reason").is_null()
     outputs = [(f"{tmp}/data", ok, keep_columns), (f"{tmp}/rejects", ~ok, reject_columns)]
     counts = []
     for out_dir, row_filter, columns in outputs:
         fs.create_dir(out_dir)
-        scanner = dataset.scanner(columns=columns, filter=row_filter) if dataset.files else None
+        scanner = dataset.scanner(columns=columns, filter=row_filter) if dataset else None
         if scanner is not None:
             pads.write_dataset(
                 scanner,
@@ -113,12 +175,13 @@ def publish_split(
                 max_rows_per_file=1_000_000,
                 max_rows_per_group=100_000,
             )
-        counts.append(dataset.count_rows(filter=row_filter) if dataset.files else 0)
+        counts.append(dataset.count_rows(filter=row_filter) if dataset else 0)
     move_into_place(fs, f"{tmp}/rejects", rejects_dest)
     move_into_place(fs, f"{tmp}/data", dest)
     mark_published(fs, dest, {"rows": counts[0], "rejected": counts[1]})
     remove_if_exists(fs, tmp)
-    remove_if_exists(fs, staged)
+    for d in staged:
+        remove_if_exists(fs, d)
     return counts[0], counts[1]
 
 

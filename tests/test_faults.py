@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import config_for
@@ -22,7 +23,7 @@ from faultutil import (
 
 from dlbatch.checkpoint import load_model
 from dlbatch.runner import run_predict, run_train
-from dlbatch.store import SUCCESS
+from dlbatch.store import PART_DONE, SUCCESS
 
 REPO = Path(__file__).parents[1]
 RUN_DATE = "2026-11-25"
@@ -122,31 +123,40 @@ def test_worker_killed_mid_epoch_resumes_at_the_checkpointed_step_and_trains_the
     print(f"mid-epoch kill: resumed epoch {first['epoch']} at step {first['resumed_at_step']}")
 
 
-def test_prediction_job_killed_midway_leaves_nothing_visible_then_rerun_is_exact(trained_text, tmp_path):
+def test_prediction_job_killed_midway_leaves_nothing_visible_then_rerun_keeps_finished_parts(
+    trained_text, tmp_path
+):
+    """Scored in 4 parts of 10,000 rows (2 files each); the job is killed once its first part is finished.
+    Readers see nothing; the rerun keeps the finished part, scores the rest and publishes every row once."""
     cfg, out, _, _, _ = trained_text
-    score = write_score_split(tmp_path / "score-big", 40_000)
+    score = write_score_split(tmp_path / "score-big", 40_000)  # 8 files of 5,000 rows
     run_dir = out / "runs" / RUN_DATE / "text"
-    args = ["tasks=[text]", f"output_root={out}", f"text.data.score={score}", "text.predict.batch_size=256"]
+    args = ["tasks=[text]", f"output_root={out}", f"text.data.score={score}", "text.predict.batch_size=256",
+            "text.predict.rows_per_part=10000"]  # fmt: skip
     job = subprocess.Popen(
         [sys.executable, "jobs/predict.py", f"--run-date={RUN_DATE}", *args],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     deadline = time.time() + 240
-    while not list((run_dir / "_staging").glob("predictions-*/*.parquet")):
+    parts = run_dir / "_staging" / "score-parts"
+    while not list(parts.glob(f"*/{PART_DONE}")):
         assert job.poll() is None, "the job ended before it was killed"
         assert time.time() < deadline
-        time.sleep(0.1)
+        time.sleep(0.05)
     kill_tree(job)
+    finished = {p.parent.name for p in parts.glob(f"*/{PART_DONE}")}
 
-    # Killed mid-write: readers see no predictions at all (no directory, no _SUCCESS).
+    # Killed midway: readers see no predictions at all (no directory, no _SUCCESS).
     assert not (run_dir / "predictions").exists()
-    assert list((run_dir / "_staging").iterdir())  # the partial output exists, but only in staging
+    assert finished and len(finished) < 4  # the rest is unfinished, in staging only
 
     from dlbatch.config import load_config
 
     [summary] = run_predict(load_config(None, [f"run_date={RUN_DATE}", *args]))
+    assert summary["metrics"]["score_parts"] == {"parts": 4, "reused": len(finished)}
     assert summary["rows"]["score"] == {"read": 40_000, "used": 40_000, "rejected": 0}
     ids = pads.dataset(run_dir / "predictions", format="parquet").to_table(columns=["id"])["id"].to_pylist()
+    assert sorted(ids) == sorted(pq.read_table(score, columns=["id"])["id"].to_pylist())
     assert len(ids) == len(set(ids)) == 40_000
     assert json.loads((run_dir / "predictions" / SUCCESS).read_text())["rows"] == 40_000
     assert not (run_dir / "_staging").exists() or not list((run_dir / "_staging").iterdir())
@@ -169,7 +179,7 @@ def test_inference_process_killed_output_is_still_exact(trained_text, tmp_path, 
     state: dict = {}
     # Kill once some predictions are written: the model is loaded and batches are done and in flight.
     killer = kill_process_when(
-        title, lambda: bool(list(staging.glob("predictions-*/*.parquet"))), state, new_processes_only=False
+        title, lambda: bool(list(staging.glob("score-parts/*/*.parquet"))), state, new_processes_only=False
     )
     [summary] = run_predict(load_config(None, overrides))
     killer.join(timeout=1)
