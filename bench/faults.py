@@ -11,13 +11,16 @@ Faults (text task; the image task shares every code path measured here):
   an inference process killed mid-job, with an actor pool and with Ray tasks.
 Lost seconds = faulted - clean, of the stage that was hit (fit(), the prediction stage, or the whole job
 from its start to its rerun's end). Every faulted run is also checked for exact output: every epoch trained
-on every row once; one prediction per input row, no duplicate ids. Prints one table; writes JSON.
+on every row once; one prediction per input row, no duplicate ids; a faulted fit's model is compared
+with its clean run's, weight for weight. Prints one table; writes JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import re
 import shutil
 import statistics
 import subprocess
@@ -34,9 +37,11 @@ sys.path.insert(0, str(REPO / "tests"))  # the fault-injection helpers the fault
 
 from faultutil import kill_process_when, kill_tree, registered_metrics, write_score_split  # noqa: E402
 
+from dlbatch.checkpoint import load_model  # noqa: E402
 from dlbatch.config import load_config  # noqa: E402
 from dlbatch.demo import write_demo_data  # noqa: E402
 from dlbatch.runner import run_predict, run_train  # noqa: E402
+from dlbatch.store import PART_DONE  # noqa: E402
 
 RUN_DATE = "2026-11-25"
 EPOCHS = 3
@@ -46,6 +51,15 @@ KILL_INTO_EPOCH = 0.6  # the worker dies this far into epoch 2 (of the clean run
 def _overrides(out: Path, data: dict[str, str], *extra: str) -> list[str]:
     splits = [f"text.data.{split}={path}" for split, path in data.items()]
     return ["tasks=[text]", f"output_root={out}", f"run_date={RUN_DATE}", *splits, *extra]
+
+
+def _weights_digest(model_uri: str) -> str:
+    """A fingerprint of the published model's weights: equal digests, bit-identical models."""
+    digest = hashlib.sha256()
+    for name, tensor in load_model(model_uri)[0].state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _train(out: Path, data: dict[str, str], extra: list[str], kill_after_s: float | None = None) -> dict:
@@ -80,6 +94,8 @@ def _train(out: Path, data: dict[str, str], extra: list[str], kill_after_s: floa
         "exact": [h["epoch"] for h in history] == list(range(EPOCHS))
         and len({h["train_samples"] for h in history}) == 1,
         "test_accuracy": summary["test_accuracy"],
+        "train_losses": [h["train_loss"] for h in history],
+        "weights": _weights_digest(summary["paths"]["model"]),
     }  # fmt: skip
 
 
@@ -89,41 +105,58 @@ def _rows(pred_dir: Path, expected: int) -> dict:
     return {"rows": len(ids), "distinct_ids": distinct, "exact": len(ids) == distinct == expected}
 
 
-def _predict_job(out: Path, score: Path) -> subprocess.Popen:
-    args = ["tasks=[text]", f"output_root={out}", f"text.data.score={score}", "force=true"]
-    return subprocess.Popen(
-        [sys.executable, "jobs/predict.py", f"--run-date={RUN_DATE}", *args],
+def _predict_job(model: Path, out: Path, score: Path, rows_per_part: int | None) -> list[str]:
+    args = ["tasks=[text]", f"output_root={out}", f"text.data.score={score}"]
+    if rows_per_part:
+        args.append(f"text.predict.rows_per_part={rows_per_part}")
+    return [sys.executable, "jobs/predict.py", f"--run-date={RUN_DATE}", f"--model={model}", *args]
+
+
+def predict_job_killed(
+    root: Path, model: Path, score: Path, rows: int, rows_per_part: int | None = None
+) -> dict:
+    """Whole prediction jobs (their own local Ray each), each into its own output root: clean, then killed
+    and run again. Lost = (killed job's time + rerun) - clean job. In one part (the default
+    ``rows_per_part`` for this split) the job is killed at its first staged file and the rerun scores
+    everything again; in several parts it is killed once its first part is finished, which the rerun
+    keeps."""
+    name = f"parts-{rows_per_part}" if rows_per_part else "one-part"
+    t0 = time.time()
+    subprocess.run(_predict_job(model, root / f"{name}-clean", score, rows_per_part), cwd=REPO, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    clean_s = time.time() - t0
+
+    out = root / f"{name}-faulted"
+    run_dir = out / "runs" / RUN_DATE / "text"
+    staging = run_dir / "_staging" / "score-parts"
+    t0 = time.time()
+    job = subprocess.Popen(
+        _predict_job(model, out, score, rows_per_part),
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
-
-
-def predict_job_killed(out: Path, score: Path, rows: int) -> dict:
-    """Whole prediction jobs (their own local Ray each): clean, then killed at its first staged file and
-    run again. Lost = (killed job's time + rerun) - clean job."""
-    run_dir = out / "runs" / RUN_DATE / "text"
-    t0 = time.time()
-    assert _predict_job(out, score).wait() == 0
-    clean_s = time.time() - t0
-    published = sorted(p.name for p in (run_dir / "predictions").iterdir())
-
-    t0 = time.time()
-    job = _predict_job(out, score)
-    while not list((run_dir / "_staging").glob("predictions-*/*.parquet")):
+    killed_at = f"*/{PART_DONE}" if rows_per_part else "*/*.parquet"
+    while not list(staging.glob(killed_at)):
         if job.poll() is not None:
             raise RuntimeError("the prediction job ended before it could be killed")
         time.sleep(0.05)
     kill_tree(job)
     killed_after_s = time.time() - t0
-    # What readers see after the kill: the previous published output, untouched (no partial rows).
-    untouched = sorted(p.name for p in (run_dir / "predictions").iterdir()) == published
+    nothing_visible = not (run_dir / "predictions").exists()  # readers see no partial output
     t0 = time.time()
-    assert _predict_job(out, score).wait() == 0
+    rerun = subprocess.run(
+        _predict_job(model, out, score, rows_per_part), cwd=REPO, capture_output=True, text=True
+    )
     rerun_s = time.time() - t0
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    # The job logs how many parts an earlier attempt finished ("text: 1 of 4 score parts were finished ...").
+    reused = re.search(r"(\d+) of (\d+) score parts were finished", rerun.stderr)
     return {
         "clean_s": clean_s,
         "faulted_s": killed_after_s + rerun_s,
         "killed_after_s": killed_after_s,
-        "previous_output_untouched": untouched,
+        "rows_per_part": rows_per_part,
+        "score_parts_reused": f"{reused[1]} of {reused[2]}" if reused else None,
+        "nothing_visible_after_kill": nothing_visible,
         **_rows(run_dir / "predictions", rows),
     }
 
@@ -138,7 +171,7 @@ def inference_killed(out: Path, score: Path, rows: int, compute: str, title: str
     state: dict = {}
     killer = kill_process_when(
         title,
-        lambda: bool(list((run_dir / "_staging").glob("predictions-*/*.parquet"))),
+        lambda: bool(list((run_dir / "_staging").glob("score-parts/*/*.parquet"))),
         state,
         new_processes_only=False,
     )
@@ -200,22 +233,32 @@ def print_table(results: dict) -> None:
         ),
     ):
         clean, faulted = results[name]["clean"], results[name]["faulted"]
+        same = "yes" if faulted["weights"] == clean["weights"] else "no"
         rows.append((label, clean["fit_s"], faulted["fit_s"], faulted["resumed_from"],
-                     faulted["exact"] and faulted["killed"]))  # fmt: skip
+                     faulted["exact"] and faulted["killed"], same))  # fmt: skip
     for name, label in (
         ("node_removed", "worker node removed (3 nodes, 10 epochs)"),
         ("predict_job_killed", "prediction job killed, then rerun"),
+        ("predict_job_killed_parts", "  same, 4 parts, killed after the first"),
         ("actor_killed", "inference actor killed"),
         ("task_killed", "inference task's worker killed"),
     ):
         r = results[name]
-        ok = r["exact"] and r.get("killed", True) and r.get("previous_output_untouched", True)
-        rows.append((label, r["clean_s"], r["faulted_s"], r.get("resumed_from"), ok))
-    print(f"{'fault':44} {'clean s':>8} {'faulted s':>9} {'lost s':>7}  {'resumed from':18} exact")
-    for label, clean_s, faulted_s, resumed, ok in rows:
+        ok = r["exact"] and r.get("killed", True) and r.get("nothing_visible_after_kill", True)
+        rows.append((label, r["clean_s"], r["faulted_s"], r.get("resumed_from"), ok, "-"))
+    print(
+        f"{'fault':44} {'clean s':>8} {'faulted s':>9} {'lost s':>7}  {'resumed from':18} exact  same model"
+    )
+    for label, clean_s, faulted_s, resumed, ok, same in rows:
         print(
-            f"{label:44} {clean_s:8.1f} {faulted_s:9.1f} {faulted_s - clean_s:7.1f}  {_where(resumed):18} {ok}"
+            f"{label:44} {clean_s:8.1f} {faulted_s:9.1f} {faulted_s - clean_s:7.1f}  {_where(resumed):18} "
+            f"{ok!s:6} {same}"
         )
+    print("(same model: the faulted fit's published weights are bit-identical to its clean run's)")
+    parts = results["predict_job_killed_parts"]
+    print(
+        f"(prediction job in parts of {parts['rows_per_part']:,} rows: the rerun kept {parts['score_parts_reused']})"
+    )
     print(
         f"(the training worker is killed {results['kill_after_s']:.1f} s after epoch 1's checkpoint is registered)"
     )
@@ -257,7 +300,11 @@ def main() -> int:
         results["kill_after_s"] = kill_after_s
 
         model_root = root / "train-clean"  # holds the trained model the prediction runs use
-        results["predict_job_killed"] = predict_job_killed(model_root, score, args.score_rows)
+        model = model_root / "runs" / RUN_DATE / "text" / "model"
+        results["predict_job_killed"] = predict_job_killed(root, model, score, args.score_rows)
+        results["predict_job_killed_parts"] = predict_job_killed(
+            root, model, score, args.score_rows, rows_per_part=args.score_rows // 4
+        )
         results["actor_killed"] = inference_killed(
             model_root, score, args.score_rows, "actors", "MapWorker(MapBatches(Predictor))"
         )
