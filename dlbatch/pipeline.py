@@ -414,10 +414,10 @@ def predict_scores(
     run_info = {"model_version": model_version or paths.run_id, "run_date": paths.run_date}
     model_fs, model_path = resolve_path(model_uri)
     fingerprint = {"model": tree_fingerprint(model_fs, [model_path]), "config": task_cfg, "run": run_info}
-    inputs = tree_fingerprint(info.filesystem, info.files)
-    by_path = {path: (path, size, mtime) for path, size, mtime in inputs}
+    found = info.filesystem.get_file_info(info.files)
+    inputs = [(path, i.size, i.mtime_ns) for path, i in zip(info.files, found, strict=True)]
     plan = plan_parts(info.file_rows, task_cfg["predict"]["rows_per_part"])
-    keys = [part_key([by_path[info.files[i]] for i in part], fingerprint) for part in plan]
+    keys = [part_key([inputs[i] for i in part], fingerprint) for part in plan]
     done = finished_parts(fs, parts_dir, set(keys))
     if done:
         log.info(
