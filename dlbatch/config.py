@@ -137,6 +137,9 @@ class JobConfig(_Frozen):
     # Promotion gate: a new model becomes champion if its test accuracy >= champion's (same test data) - this.
     promotion_tolerance: float = Field(default=0.01, ge=0, le=1)
     keep_versions: int = Field(default=5, ge=1)  # model versions kept per task (the champion always is)
+    # Ray Train checkpoints (ray_results/<task>-<date>) kept for the newest this many run dates per task;
+    # older ones are deleted once their run's model is published (an unfinished run keeps its own).
+    keep_checkpoint_runs: int = Field(default=7, ge=1)
     image: ImageTaskConfig = ImageTaskConfig()
     text: TextTaskConfig = TextTaskConfig()
     cluster: ClusterConfig = ClusterConfig()

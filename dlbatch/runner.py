@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -121,6 +122,32 @@ def _forget_run(paths: RunPaths) -> None:
     remove_if_exists(paths.fs, paths.path())
 
 
+def _prune_checkpoints(cfg: JobConfig, paths: RunPaths) -> list[str]:
+    """Delete the Ray Train checkpoints of this task's run dates older than the newest
+    ``keep_checkpoint_runs``, each only once its model is published: the model (and the model store)
+    holds what a finished run needs, and a run that never published may still be resumed."""
+    fs, root = resolve_path(paths.storage_path)
+    prefix = f"{paths.task}-"
+    infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    dates = sorted(
+        i.base_name.removeprefix(prefix)
+        for i in infos
+        if i.type == pafs.FileType.Directory
+        and re.fullmatch(rf"{prefix}\d{{4}}-\d{{2}}-\d{{2}}", i.base_name)
+    )
+    doomed = []
+    for date in dates[: -cfg.keep_checkpoint_runs]:
+        if date != paths.run_date and is_published(
+            paths.fs, run_paths(cfg.output_root, paths.task, date).path("model")
+        ):
+            remove_if_exists(fs, f"{root}/{prefix}{date}")
+            doomed.append(f"{prefix}{date}")
+    if doomed:
+        log.info("%s: deleted the Ray Train checkpoints of %s (keep_checkpoint_runs=%d)", paths.task,
+                 ", ".join(doomed), cfg.keep_checkpoint_runs)  # fmt: skip
+    return doomed
+
+
 def train_and_evaluate(cfg: JobConfig, task: Task, infos: dict) -> dict[str, Any]:
     started = time.perf_counter()
     paths = _paths(cfg, task)
@@ -132,6 +159,7 @@ def train_and_evaluate(cfg: JobConfig, task: Task, infos: dict) -> dict[str, Any
     result = TaskResult(task=task, run_id=paths.run_id)
     data = learn_from_train(cfg, task, infos)
     model_uri = train_model(cfg, task, data, paths, result)
+    result.metrics["deleted_checkpoint_runs"] = _prune_checkpoints(cfg, paths)
     evaluate_model(cfg, task, data, model_uri, paths, result)
     if "score" in infos:
         champion_uri, champion_version = promote(cfg, task, data, paths, result)

@@ -28,6 +28,7 @@ def _cfg(out, paths, date, *extra):
             f"run_date={date}",
             "text.train.batch_size=32",
             "promotion_tolerance=0.05",
+            "keep_checkpoint_runs=2",
             *data,
             *extra,
         ],
@@ -69,8 +70,24 @@ def test_three_nights_promotion_gate_and_idempotent_trigger(ray_cluster, demo_ro
     champion = json.loads((out / "models/text/champion.json").read_text())
     assert champion["version"] == "2026-11-23"
 
+    assert night2["metrics"]["deleted_checkpoint_runs"] == []  # two run dates: both kept
+
+    # An older run that never published its model (killed, say): its checkpoints are what a rerun would
+    # resume from, so retention leaves them alone.
+    unfinished = out / "ray_results" / "text-2026-11-20" / "checkpoint_2026-11-20_00-00-00.000000"
+    unfinished.mkdir(parents=True)
+
     # Night 3, triggered twice: the second trigger finds the finished run and does nothing.
     [night3] = run_nightly(_cfg(out, good, "2026-11-25", "text.train.epochs=2"))
+    # keep_checkpoint_runs=2: night 1's checkpoints go (its model is published), nights 2 and 3 stay.
+    assert night3["metrics"]["deleted_checkpoint_runs"] == ["text-2026-11-23"]
+    assert sorted(p.name for p in (out / "ray_results").iterdir() if p.name.startswith("text-")) == [
+        "text-2026-11-20",
+        "text-2026-11-24",
+        "text-2026-11-25",
+    ]
+    assert unfinished.is_dir()
+    assert (out / "runs/2026-11-23/text/model/_SUCCESS").exists()  # the published model is untouched
     [again] = run_nightly(_cfg(out, good, "2026-11-25", "text.train.epochs=2"))
     assert again["skipped"] is True and again["run_id"] == night3["run_id"]
     assert again["durations_s"] == night3["durations_s"]
