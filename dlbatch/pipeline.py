@@ -31,11 +31,12 @@ from dlbatch.models import model_args_for
 from dlbatch.predict import PRED_COLUMNS, predict_dataset, preprocess_spec
 from dlbatch.preprocess import preprocess_for_training
 from dlbatch.store import (
+    PART_DONE,
     SUCCESS,
     RunPaths,
+    file_fingerprints,
     finished_parts,
     is_published,
-    mark_part_done,
     mark_published,
     move_into_place,
     part_key,
@@ -413,9 +414,8 @@ def predict_scores(
     id_column = task_cfg["data"]["id_column"]
     run_info = {"model_version": model_version or paths.run_id, "run_date": paths.run_date}
     model_fs, model_path = resolve_path(model_uri)
-    fingerprint = {"model": tree_fingerprint(model_fs, [model_path]), "config": task_cfg, "run": run_info}
-    found = info.filesystem.get_file_info(info.files)
-    inputs = [(path, i.size, i.mtime_ns) for path, i in zip(info.files, found, strict=True)]
+    fingerprint = {"model": tree_fingerprint(model_fs, model_path), "config": task_cfg, "run": run_info}
+    inputs = file_fingerprints(info.filesystem, info.files)
     plan = plan_parts(info.file_rows, task_cfg["predict"]["rows_per_part"])
     keys = [part_key([inputs[i] for i in part], fingerprint) for part in plan]
     done = finished_parts(fs, parts_dir, set(keys))
@@ -443,7 +443,8 @@ def predict_scores(
         predict_dataset(read_split(part_info, columns=columns), model_uri, task_cfg, run_info).write_parquet(
             part_dir, filesystem=fs
         )
-        mark_part_done(fs, part_dir, {"files": files, "rows": rows})
+        fs.create_dir(part_dir, recursive=True)  # a part that wrote no rows still finished
+        mark_published(fs, part_dir, {"files": files, "rows": rows}, marker=PART_DONE)
         staged.append(part_dir)
     result.metrics["score_parts"] = {"parts": len(plan), "reused": len(done)}
     keep = [id_column, *task_cfg["data"]["passthrough_columns"], *PRED_COLUMNS, "model_version", "run_date"]

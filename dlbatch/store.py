@@ -52,12 +52,14 @@ def run_paths(output_root: str, task: str, run_date: str) -> RunPaths:
     return RunPaths(fs=fs, root=root.rstrip("/"), uri_root=uri_root, task=task, run_date=run_date)
 
 
-def is_published(fs: pafs.FileSystem, path: str) -> bool:
-    return fs.get_file_info(f"{path}/{SUCCESS}").type == pafs.FileType.File
+def is_published(fs: pafs.FileSystem, path: str, marker: str = SUCCESS) -> bool:
+    return fs.get_file_info(f"{path}/{marker}").type == pafs.FileType.File
 
 
-def mark_published(fs: pafs.FileSystem, path: str, info: dict[str, Any] | None = None) -> None:
-    with fs.open_output_stream(f"{path}/{SUCCESS}") as out:
+def mark_published(
+    fs: pafs.FileSystem, path: str, info: dict[str, Any] | None = None, marker: str = SUCCESS
+) -> None:
+    with fs.open_output_stream(f"{path}/{marker}") as out:
         out.write(json.dumps(info or {}, default=str).encode())
 
 
@@ -99,15 +101,17 @@ def plan_parts(file_rows: list[int], rows_per_part: int) -> list[list[int]]:
     return parts
 
 
-def tree_fingerprint(fs: pafs.FileSystem, paths: list[str]) -> list[tuple[str, int | None, int | None]]:
-    """(path, size, modification time in ns) of each file, or of every file under each directory."""
-    found = []
-    for info in fs.get_file_info(paths):
-        if info.type == pafs.FileType.Directory:
-            found += tree_fingerprint(fs, [f.path for f in fs.get_file_info(pafs.FileSelector(info.path))])
-        else:
-            found.append((info.path, info.size, info.mtime_ns))
-    return sorted(found)
+def file_fingerprints(fs: pafs.FileSystem, files: list[str]) -> list[tuple[str, int | None, int | None]]:
+    """(path as given, size, modification time in ns) of each file."""
+    return [(path, i.size, i.mtime_ns) for path, i in zip(files, fs.get_file_info(files), strict=True)]
+
+
+def tree_fingerprint(fs: pafs.FileSystem, path: str) -> list[tuple[str, int | None, int | None]]:
+    """(path, size, modification time in ns) of every file under a directory (or of the file itself)."""
+    infos = fs.get_file_info([path])
+    if infos[0].type == pafs.FileType.Directory:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    return sorted((i.path, i.size, i.mtime_ns) for i in infos if i.type != pafs.FileType.Directory)
 
 
 def part_key(inputs: list[tuple[str, int | None, int | None]], fingerprint: dict[str, Any]) -> str:
@@ -123,18 +127,12 @@ def finished_parts(fs: pafs.FileSystem, parts_dir: str, wanted: set[str]) -> dic
     found: dict[str, str] = {}
     for info in fs.get_file_info(pafs.FileSelector(parts_dir, allow_not_found=True)):
         key = info.base_name.rsplit("-", 1)[0]
-        done = fs.get_file_info(f"{info.path}/{PART_DONE}").type == pafs.FileType.File
+        done = is_published(fs, info.path, PART_DONE)
         if info.type == pafs.FileType.Directory and done and key in wanted and key not in found:
             found[key] = info.path
         else:
             remove_if_exists(fs, info.path)
     return found
-
-
-def mark_part_done(fs: pafs.FileSystem, part_dir: str, info: dict[str, Any]) -> None:
-    fs.create_dir(part_dir, recursive=True)  # a part that wrote no rows still finished
-    with fs.open_output_stream(f"{part_dir}/{PART_DONE}") as out:
-        out.write(json.dumps(info, default=str).encode())
 
 
 def publish_split(

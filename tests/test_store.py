@@ -8,7 +8,15 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from dlbatch.store import PART_DONE, finished_parts, mark_part_done, part_key, plan_parts, tree_fingerprint
+from dlbatch.store import (
+    PART_DONE,
+    file_fingerprints,
+    finished_parts,
+    mark_published,
+    part_key,
+    plan_parts,
+    tree_fingerprint,
+)
 
 
 def test_parts_are_whole_consecutive_files_of_at_most_the_configured_rows():
@@ -32,17 +40,16 @@ def test_a_part_key_changes_with_its_input_files_and_the_fingerprint(tmp_path):
     fs = pafs.LocalFileSystem()
     a, b = _file(tmp_path / "a.parquet", 10), _file(tmp_path / "b.parquet", 10)
     config = {"model": "m1", "config": {"predict": {"batch_size": 512}}}
-    key = part_key(tree_fingerprint(fs, [a, b]), config)
-    assert part_key(tree_fingerprint(fs, [b, a]), config) == key  # the same files, listed in another order
-    assert part_key(tree_fingerprint(fs, [a]), config) != key
-    assert part_key(tree_fingerprint(fs, [a, b]), {**config, "model": "m2"}) != key
+    key = part_key(file_fingerprints(fs, [a, b]), config)
+    assert part_key(file_fingerprints(fs, [a, b]), config) == key  # nothing changed: the same key
+    assert part_key(file_fingerprints(fs, [a]), config) != key
+    assert part_key(file_fingerprints(fs, [a, b]), {**config, "model": "m2"}) != key
     _file(tmp_path / "b.parquet", 11)  # rewritten with other rows: other size and modification time
-    assert part_key(tree_fingerprint(fs, [a, b]), config) != key
+    assert part_key(file_fingerprints(fs, [a, b]), config) != key
+    before = part_key(file_fingerprints(fs, [a]), config)
     stat = os.stat(a)
     os.utime(a, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # same size, touched
-    assert part_key(tree_fingerprint(fs, [a]), config) != part_key(
-        [(a, stat.st_size, stat.st_mtime_ns)], config
-    )
+    assert part_key(file_fingerprints(fs, [a]), config) != before
 
 
 def test_a_model_directory_is_fingerprinted_by_every_file_in_it(tmp_path):
@@ -51,7 +58,7 @@ def test_a_model_directory_is_fingerprinted_by_every_file_in_it(tmp_path):
     (model / "sub").mkdir(parents=True)
     (model / "model.pt").write_bytes(b"w" * 10)
     (model / "sub" / "meta.json").write_text("{}")
-    found = tree_fingerprint(fs, [str(model)])
+    found = tree_fingerprint(fs, str(model))
     assert [(os.path.relpath(path, model), size) for path, size, _ in found] == [
         ("model.pt", 10),
         ("sub/meta.json", 2),
@@ -65,7 +72,7 @@ def test_a_rerun_keeps_only_finished_parts_it_still_wants(tmp_path):
         (parts / name).mkdir(parents=True)
         (parts / name / "0.parquet").write_bytes(b"x")
         if done:
-            mark_part_done(fs, str(parts / name), {"rows": 1})
+            mark_published(fs, str(parts / name), {"rows": 1}, marker=PART_DONE)
     (parts / "stray.parquet").write_bytes(b"x")
 
     kept = finished_parts(fs, str(parts), {"k1", "k2"})
