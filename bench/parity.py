@@ -2,10 +2,10 @@
 
 Same demo data, same preprocessing, model, epochs and *global* batch size (workers x per-worker batch).
 One run of a seed is deterministic on both sides, but test accuracy after a few epochs on the demo data
-moves with the order the rows are trained in and the initial weights by about 2 points (either side),
-so both sides train with several seeds and the medians are compared (~8 minutes for 5 seeds on 2 cores). Seed s: dlbatch with ``train.seed=s`` (its file order and initial weights);
-the plain loop with its initial weights from s and the training rows in an order drawn from s (seed 0:
-the stored order).
+moves by about 2 points (either side) with the order the rows are trained in and the initial weights,
+so both sides train with several seeds and the medians are compared (~8 minutes for 5 seeds on 2 cores).
+Seed s: dlbatch with ``train.seed=s`` (its file order and initial weights); the plain loop with its
+initial weights from s and the training rows in an order drawn from s (seed 0: the stored order).
 
     python bench/parity.py [--seeds 5] [key=value overrides...]   # a line per task; writes bench/parity.json
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 
 import torch
@@ -48,9 +49,9 @@ def main(argv: list[str]) -> dict:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for both sides")
     args = parser.parse_args(argv)
     runs: dict[str, dict[str, list[float]]] = {}
+    tasks = load_config(None, args.overrides).tasks
     for seed in range(args.seeds):
-        base = load_config(None, args.overrides)
-        seeded = [f"{task}.train.seed={seed}" for task in base.tasks]
+        seeded = [f"{task}.train.seed={seed}" for task in tasks]
         cfg = load_config(
             None, [f"output_root=dlbatch-output/parity/seed-{seed}", "force=true", *args.overrides, *seeded]
         )
@@ -77,6 +78,4 @@ def main(argv: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    import sys
-
     main(sys.argv[1:])
