@@ -85,6 +85,12 @@ def _environment(**values: str):
                 os.environ[name] = value
 
 
+def cluster_address(cfg: JobConfig) -> str | None:
+    """The cluster this job joins: configured, or the one it was submitted to (Ray sets RAY_ADDRESS for a
+    submitted job). None: the job runs on a private cluster that lives and dies with its driver."""
+    return cfg.cluster.address or os.environ.get("RAY_ADDRESS") or None
+
+
 def ensure_ray(cfg: JobConfig) -> None:
     """``ray.init`` once: the configured/submitted cluster if any, else a private local one on loopback."""
     import ray
@@ -92,7 +98,7 @@ def ensure_ray(cfg: JobConfig) -> None:
     configure_data_context()
     if ray.is_initialized():
         return
-    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    address = cluster_address(cfg)
     if address:
         ray.init(address=address, log_to_driver=True)
         return
@@ -118,11 +124,37 @@ def ensure_ray(cfg: JobConfig) -> None:
         ray.init(
             address="local",  # always a private instance: never attach to a cluster that merely runs here
             num_cpus=local_num_cpus(cfg),
-            # Wanted: the dashboard serves the state API through which Ray Train's PlacementGroupCleaner
-            # watches the controller (without it: a warning every second, and no cleanup if the controller
-            # dies). It costs ~1.3 s of start on 2 cores. Loopback only.
+            # Wanted: a person watching a laptop run opens it, and Ray Train's PlacementGroupCleaner (kept
+            # for the jobs of a shared cluster) watches its controller through the dashboard's state API.
+            # It costs ~1.3 s of start on 2 cores. Loopback only.
             include_dashboard=missing is None,
             dashboard_host="127.0.0.1",
             configure_logging=True,
             logging_level=logging.WARNING,
         )
+
+
+@contextlib.contextmanager
+def placement_groups_released(cfg: JobConfig):
+    """On a private cluster: remove, when the block ends, any placement group created in it and still held.
+
+    Ray Train's controller creates the worker group's placement group, and a placement group lives as long
+    as the job that made it: if the controller dies, its group keeps holding the training CPUs for the rest
+    of the run (the next fit, Ray Data) unless something removes it. On a shared cluster Ray Train's
+    PlacementGroupCleaner actor does (``dlbatch.train.trainer_class`` keeps it there); on a private cluster,
+    where nothing else can have made a placement group during the fit, the driver does it here instead of
+    starting that actor for every fit. A fit that ends well has removed its own: nothing is left to do."""
+    if cluster_address(cfg):
+        yield
+        return
+    from ray.util import placement_group_table, remove_placement_group
+    from ray.util.placement_group import PlacementGroup, PlacementGroupID
+
+    before = set(placement_group_table())
+    try:
+        yield
+    finally:
+        for pg_id, info in placement_group_table().items():
+            if pg_id not in before and info.get("state") != "REMOVED":
+                log.warning("removing placement group %s, left %s by a failed fit", pg_id, info.get("state"))
+                remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(pg_id)))

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pyarrow.fs as pafs
 
+from dlbatch.cluster import cluster_address, placement_groups_released
 from dlbatch.config import JobConfig, Task
 from dlbatch.data import (
     SplitInfo,
@@ -47,7 +48,7 @@ from dlbatch.store import (
     staging_dir,
     tree_fingerprint,
 )
-from dlbatch.train import FEATURES, shard_name, train_loop_per_worker
+from dlbatch.train import FEATURES, shard_name, train_loop_per_worker, trainer_class
 
 log = logging.getLogger("dlbatch")
 REJECT_COLUMNS = ["source", "reject_reason"]
@@ -190,11 +191,11 @@ def prepare_training_split(
 def split_for_ranks(datasets: dict[str, Any], num_workers: int) -> dict[str, Any]:
     """Each rank's part of the materialized splits, cut once on the driver: ``{shard_name: dataset}``.
 
-    Ray Train's default would stream-split every split at every epoch through one coordinator actor per
-    split: two more processes per fit, started last, on the way to the first batch (~4 s of the fit's
-    fixed cost on 2 cores, measured). The data is already materialized, so a static split costs nothing.
-    Training parts are equal (data-parallel ranks must take the same number of steps; up to ``num_workers - 1``
-    rows are left out, as ``streaming_split(equal=True)`` did); validation keeps every row.
+    Training parts are equal (data-parallel ranks must take the same number of steps; up to
+    ``num_workers - 1`` rows are left out, as ``streaming_split(equal=True)`` did); validation keeps every
+    row. The parts go to the workers in ``train_loop_config`` (see ``train_model``), and each rank iterates
+    its own in the stored order, every epoch and every run: a mid-epoch resume skips the batches its
+    checkpoint already took, and a rerun trains the same model.
     """
     out = {}
     for split, ds in datasets.items():
@@ -208,34 +209,14 @@ def split_for_ranks(datasets: dict[str, Any], num_workers: int) -> dict[str, Any
         for rank, part in enumerate(parts):
             # Off a terminal, each rank's per-epoch progress bar is an empty line in the job's log.
             part.context.enable_progress_bars = False
+            part.context.execution_options.preserve_order = True
             out[shard_name(split, rank)] = part
     return out
-
-
-def ingest_config():
-    """Ray Train's data config for the parts ``split_for_ranks`` cut: no further splitting, and each rank
-    iterates its part in the stored order, every epoch and every run.
-
-    The order must hold: a mid-epoch resume skips the batches its checkpoint already took, and a rerun
-    should train the same model. Ray Train gives every dataset the execution options of this config (by
-    default the driver's, where ``preserve_order`` is off) and its iterator then handed the blocks over in
-    another order each epoch: two identical fits trained different models (measured, session 8)."""
-    import ray.data
-    import ray.train
-
-    driver = ray.data.DataContext.get_current().execution_options
-    # Ray Train's own default_ingest_options() copies the deprecated exclude_resources too, and Ray then
-    # printed a deprecation warning into the job's log at every fit; these are the fields it copies.
-    options = ray.data.ExecutionOptions(
-        resource_limits=driver.resource_limits, preserve_order=True, verbose_progress=driver.verbose_progress
-    )
-    return ray.train.DataConfig(datasets_to_split=[], execution_options=options)
 
 
 def train_model(cfg: JobConfig, task: Task, data: TaskData, paths: RunPaths, result: TaskResult) -> str:
     """Fit with Ray Train; publish the best checkpoint (by val accuracy) to ``runs/<date>/<task>/model``."""
     import ray.train
-    from ray.train.torch import TorchTrainer
 
     from dlbatch.backend import GlooConfig
 
@@ -253,7 +234,7 @@ def train_model(cfg: JobConfig, task: Task, data: TaskData, paths: RunPaths, res
     result.durations_s["preprocess"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    trainer = TorchTrainer(
+    trainer = trainer_class(private_cluster=cluster_address(cfg) is None)(
         train_loop_per_worker,
         train_loop_config={
             "kind": task,
@@ -261,6 +242,10 @@ def train_model(cfg: JobConfig, task: Task, data: TaskData, paths: RunPaths, res
             "train": tcfg.model_dump(),
             "meta": data.meta,
             "fit_started_at": time.time(),
+            # Each rank's part, materialized in the object store (references travel, not rows). Not Ray
+            # Train's ``datasets``: its dataset manager is one more actor process per fit (see
+            # dlbatch.train.trainer_class).
+            "shards": split_for_ranks(datasets, tcfg.num_workers),
         },
         # On CPU, the gloo setup that keeps torch out of the Train controller (see dlbatch.backend).
         torch_config=None if tcfg.use_gpu else GlooConfig(),
@@ -270,8 +255,6 @@ def train_model(cfg: JobConfig, task: Task, data: TaskData, paths: RunPaths, res
             resources_per_worker={"CPU": tcfg.cpus_per_worker, **({"GPU": 1} if tcfg.use_gpu else {})},
             placement_strategy=tcfg.placement_strategy,
         ),
-        datasets=split_for_ranks(datasets, tcfg.num_workers),
-        dataset_config=ingest_config(),
         run_config=ray.train.RunConfig(
             name=paths.run_id,
             storage_path=paths.storage_path,
@@ -283,7 +266,8 @@ def train_model(cfg: JobConfig, task: Task, data: TaskData, paths: RunPaths, res
             checkpoint_config=ray.train.CheckpointConfig(),
         ),
     )
-    fit = trainer.fit()
+    with placement_groups_released(cfg):
+        fit = trainer.fit()
     result.durations_s["train"] = time.perf_counter() - t0
     best = _best_epoch_checkpoint(fit, task)
     staged = staging_dir(paths, "model")

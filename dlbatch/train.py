@@ -165,6 +165,32 @@ def _quiet_per_epoch_logs() -> None:
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
+# Ray Train's helper actors that a fit here does without, each a process that imports Ray Train (~3.4 s of CPU
+# on 2 cores) while the worker group starts: the dataset manager serves ``datasets=``, which this job does not
+# use (each rank's part comes in the train loop's config); the placement-group cleaner is only kept where the
+# driver may die while the cluster lives on (see ``cluster.placement_groups_released``).
+_UNNEEDED_ON_A_PRIVATE_CLUSTER = {"DatasetsCallback", "PlacementGroupCleanerCallback"}
+
+
+def trainer_class(private_cluster: bool):
+    """``TorchTrainer`` without Ray Train's helper actors that this job does not need: on 2 cores they took
+    ~5 s of the ~18 s from ``fit()`` to the first batch (docs/PERFORMANCE.md). The hook is Ray 2.60's
+    ``_create_default_callbacks``; a Ray without it leaves the actors in place, slower but correct, and
+    tests/test_pipeline.py checks which actors a fit started."""
+    from ray.train.torch import TorchTrainer
+
+    skip = _UNNEEDED_ON_A_PRIVATE_CLUSTER if private_cluster else {"DatasetsCallback"}
+
+    class Trainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            if self.datasets:  # given datasets after all: Ray Train's dataset manager serves them
+                return callbacks
+            return [cb for cb in callbacks if type(cb).__name__ not in skip]
+
+    return Trainer
+
+
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     """Ray Train entry point. ``cfg`` is plain data: kind, model_args, train settings, checkpoint metadata."""
     import ray.train
@@ -208,8 +234,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             save_checkpoint(tmp, raw_model, optimizer, {**cfg["meta"], **meta, "history": history})
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
-    train_shard = ray.train.get_dataset_shard(shard_name("train", rank))
-    val_shard = ray.train.get_dataset_shard(shard_name("val", rank))
+    train_shard, val_shard = (cfg["shards"][shard_name(split, rank)] for split in ("train", "val"))
     first_batch_at: list[float] = []
     last_mid_epoch_checkpoint = {"at": None, "warned": False}
     for epoch in range(start_epoch, tcfg["epochs"]):

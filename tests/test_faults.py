@@ -29,23 +29,22 @@ REPO = Path(__file__).parents[1]
 RUN_DATE = "2026-11-25"
 
 
+def _text_fit_killing(title: str, out: Path, demo_root: dict, epochs: int):
+    """A text fit's config, and a thread that kills one ``ray::{title}`` process of it once its controller
+    has *registered* two checkpoints (its snapshot file): checkpoint files on disk are not enough, one still
+    being reported when a worker dies is dropped and not resumed from. Returns (config, state, thread)."""
+    overrides = (f"text.train.epochs={epochs}", "text.train.batch_size=32", "text.train.max_failures=2")
+    cfg = config_for(out, "text", demo_root, *overrides)
+    storage = out / "ray_results" / f"text-{RUN_DATE}"
+    state: dict = {}
+    return cfg, state, kill_process_when(title, lambda: registered_checkpoints(storage) >= 2, state)
+
+
 @pytest.fixture(scope="module")
 def trained_text(ray_cluster, demo_root, tmp_path_factory):
     """A text model trained while one training worker is killed once two checkpoints are registered."""
     out = tmp_path_factory.mktemp("faults")
-    cfg = config_for(
-        out,
-        "text",
-        demo_root,
-        "text.train.epochs=10",
-        "text.train.batch_size=32",
-        "text.train.max_failures=2",
-    )
-    storage = out / "ray_results" / f"text-{RUN_DATE}"
-    state: dict = {}
-    # Kill once the controller has *registered* two checkpoints (its snapshot file): checkpoint files on
-    # disk are not enough, one still being reported when a worker dies is dropped and not resumed from.
-    killer = kill_process_when("RayTrainWorker", lambda: registered_checkpoints(storage) >= 2, state)
+    cfg, state, killer = _text_fit_killing("RayTrainWorker", out, demo_root, epochs=10)
     started = time.time()
     [summary] = run_train(cfg)
     killer.join(timeout=1)
@@ -121,6 +120,32 @@ def test_worker_killed_mid_epoch_resumes_at_the_checkpointed_step_and_trains_the
     assert [name for name, weights in ours.items() if not torch.equal(weights, theirs[name])] == []
     assert summary["test_accuracy"] == clean["test_accuracy"] > 0.5
     print(f"mid-epoch kill: resumed epoch {first['epoch']} at step {first['resumed_at_step']}")
+
+
+def test_controller_killed_releases_the_training_cpus_and_a_rerun_resumes(ray_cluster, demo_root, tmp_path):
+    """Ray Train's controller killed mid-fit: the fit fails, its placement group does not keep holding the
+    training CPUs for the rest of the run (on a private cluster the driver removes it: no cleaner actor is
+    started there), and a rerun resumes from the last registered checkpoint."""
+    import ray
+
+    cfg, state, killer = _text_fit_killing("TrainController", tmp_path, demo_root, epochs=8)
+    with pytest.raises(ray.exceptions.RayError):
+        run_train(cfg)
+    killer.join(timeout=1)
+    assert "killed_pid" in state, "the controller was never killed: the test did not test anything"
+
+    assert [pg["state"] for pg in ray.util.placement_group_table().values() if pg["state"] != "REMOVED"] == []
+    deadline = time.time() + 60  # the killed controller's workers exit on their own
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.time() < deadline:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
+
+    [summary] = run_train(cfg)
+    history = summary["history"]
+    assert [h["epoch"] for h in history] == list(range(8))
+    resumed = {h["resumed_from_epoch"] for h in history if h["resumed_from_epoch"] is not None}
+    assert len(resumed) == 1 and resumed.pop() >= 1, "the rerun started over instead of resuming"
+    assert summary["test_accuracy"] > 0.5
 
 
 def test_prediction_job_killed_midway_leaves_nothing_visible_then_rerun_keeps_finished_parts(
