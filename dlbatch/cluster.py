@@ -111,8 +111,7 @@ def ensure_ray(cfg: JobConfig) -> None:
         # Asked for explicitly, ray.init would refuse to start at all ("Cannot include dashboard with
         # missing packages"); a laptop run should still run.
         log.warning(
-            "Ray's dashboard cannot start here (%s); install 'ray[default]' for it. Running without it: "
-            "Ray Train cannot remove a dead controller's placement group, and may warn about its state API.",
+            "Ray's dashboard cannot start here (%s); install 'ray[default]' for it. Running without it.",
             missing,
         )
     # The cluster's own processes must find it by its address. Without RAY_ADDRESS, Ray's state API looks
