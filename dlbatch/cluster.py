@@ -87,8 +87,18 @@ def _environment(**values: str):
 
 def cluster_address(cfg: JobConfig) -> str | None:
     """The cluster this job joins: configured, or the one it was submitted to (Ray sets RAY_ADDRESS for a
-    submitted job). None: the job runs on a private cluster that lives and dies with its driver."""
+    submitted job). None: the job starts a private cluster that lives and dies with its driver."""
     return cfg.cluster.address or os.environ.get("RAY_ADDRESS") or None
+
+
+def runs_own_cluster() -> bool:
+    """Whether this process started the Ray cluster it is connected to (``ray.init`` with no address or
+    ``"local"``): one that lives and dies with this driver. False for a cluster started elsewhere (a
+    submitted job, ``ray.init(address=...)`` from a notebook), where other jobs may run, and wherever Ray
+    cannot say. Read from Ray 2.60's driver-side node: ``head`` is set only where this process started it."""
+    import ray._private.worker
+
+    return getattr(getattr(ray._private.worker, "_global_node", None), "head", False) is True
 
 
 def ensure_ray(cfg: JobConfig) -> None:
@@ -134,16 +144,18 @@ def ensure_ray(cfg: JobConfig) -> None:
 
 
 @contextlib.contextmanager
-def placement_groups_released(cfg: JobConfig):
-    """On a private cluster: remove, when the block ends, any placement group created in it and still held.
+def placement_groups_released():
+    """On a cluster this process started (``runs_own_cluster``): remove, when the block ends, any placement
+    group created in it and still held.
 
     Ray Train's controller creates the worker group's placement group, and a placement group lives as long
     as the job that made it: if the controller dies, its group keeps holding the training CPUs for the rest
     of the run (the next fit, Ray Data) unless something removes it. On a shared cluster Ray Train's
-    PlacementGroupCleaner actor does (``dlbatch.train.trainer_class`` keeps it there); on a private cluster,
-    where nothing else can have made a placement group during the fit, the driver does it here instead of
-    starting that actor for every fit. A fit that ends well has removed its own: nothing is left to do."""
-    if cluster_address(cfg):
+    PlacementGroupCleaner actor does (``dlbatch.train.trainer_class`` keeps it there). On the driver's own
+    cluster, where nothing else can have made a placement group during the fit (dlbatch fits its tasks one
+    after another), the driver does it here instead of starting that actor for every fit. A fit that ends
+    well has removed its own: nothing is left to do."""
+    if not runs_own_cluster():
         yield
         return
     from ray.util import placement_group_table, remove_placement_group

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pyarrow.fs as pafs
 
-from dlbatch.cluster import cluster_address, placement_groups_released
+from dlbatch.cluster import placement_groups_released, runs_own_cluster
 from dlbatch.config import JobConfig, Task
 from dlbatch.data import (
     SplitInfo,
@@ -234,7 +234,7 @@ def train_model(cfg: JobConfig, task: Task, data: TaskData, paths: RunPaths, res
     result.durations_s["preprocess"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    trainer = trainer_class(private_cluster=cluster_address(cfg) is None)(
+    trainer = trainer_class(private_cluster=runs_own_cluster())(
         train_loop_per_worker,
         train_loop_config={
             "kind": task,
@@ -266,7 +266,7 @@ def train_model(cfg: JobConfig, task: Task, data: TaskData, paths: RunPaths, res
             checkpoint_config=ray.train.CheckpointConfig(),
         ),
     )
-    with placement_groups_released(cfg):
+    with placement_groups_released():
         fit = trainer.fit()
     result.durations_s["train"] = time.perf_counter() - t0
     best = _best_epoch_checkpoint(fit, task)

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
-from conftest import config_for
+from conftest import config_for, fresh_python
 from ray.util.state import list_actors
 
 from dlbatch.runner import run_nightly, run_predict
@@ -179,3 +179,18 @@ def test_each_rank_iterates_its_part_in_one_order_every_epoch(ray_cluster):
         stored = [row["id"] for row in parts[name].take_all()]
         assert len(stored) == 3000
         assert ray.get(two_passes.remote({"shards": parts}, name)) == [stored, stored]
+
+
+def test_only_a_cluster_this_process_started_counts_as_its_own(ray_cluster):
+    """The lean fit (no placement-group cleaner; the driver removes what a dead controller left) is for a
+    cluster the driver started. A driver that joined a cluster started elsewhere, where other jobs may run,
+    keeps Ray Train's cleaner and removes nothing."""
+    from dlbatch.cluster import runs_own_cluster
+
+    assert runs_own_cluster()  # this test process started the session's cluster
+    address = ray_cluster.get_runtime_context().gcs_address
+    joined = fresh_python(
+        f"import ray; ray.init(address={address!r}, logging_level='ERROR')\n"
+        "from dlbatch.cluster import runs_own_cluster; print(runs_own_cluster())"
+    )
+    assert joined == "False"
