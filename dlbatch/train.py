@@ -192,7 +192,8 @@ def trainer_class(private_cluster: bool):
 
 
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
-    """Ray Train entry point. ``cfg`` is plain data: kind, model_args, train settings, checkpoint metadata."""
+    """Ray Train entry point. ``cfg``: kind, model_args, train settings, checkpoint metadata (plain data),
+    and ``shards``, each rank's materialized part of the training and validation splits by ``shard_name``."""
     import ray.train
     import ray.train.torch
 
