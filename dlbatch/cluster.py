@@ -133,9 +133,8 @@ def ensure_ray(cfg: JobConfig) -> None:
         ray.init(
             address="local",  # always a private instance: never attach to a cluster that merely runs here
             num_cpus=local_num_cpus(cfg),
-            # Wanted: a person watching a laptop run opens it, and Ray Train's PlacementGroupCleaner (kept
-            # for the jobs of a shared cluster) watches its controller through the dashboard's state API.
-            # It costs ~1.3 s of start on 2 cores. Loopback only.
+            # Wanted by a person watching a laptop run (no Ray Train actor here needs its state API any
+            # more: see dlbatch.train.trainer_class). It costs ~1 s of start on 2 cores. Loopback only.
             include_dashboard=missing is None,
             dashboard_host="127.0.0.1",
             configure_logging=True,
