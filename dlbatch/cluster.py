@@ -116,7 +116,8 @@ def ensure_ray(cfg: JobConfig) -> None:
     # process per fit (~3 s of CPU to start on 2 cores). A submitted job keeps it; so does an explicit
     # setting. Ray Train hands this variable on from the driver to its controller.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    missing = dashboard_unavailable()
+    dashboard = cfg.cluster.local_dashboard
+    missing = dashboard_unavailable() if dashboard else None
     if missing:
         # Asked for explicitly, ray.init would refuse to start at all ("Cannot include dashboard with
         # missing packages"); a laptop run should still run.
@@ -124,21 +125,31 @@ def ensure_ray(cfg: JobConfig) -> None:
             "Ray's dashboard cannot start here (%s); install 'ray[default]' for it. Running without it.",
             missing,
         )
+        dashboard = False
     # The cluster's own processes must find it by its address. Without RAY_ADDRESS, Ray's state API looks
     # for any cluster on the host; with another one running here (a `ray start`, a second job), Ray Train's
     # placement-group cleaner asked that one whether this job's controller was alive, was told no, and
     # quit (seen here). Every process ray.init starts inherits this environment; the driver's is restored.
     port = _free_loopback_port()
+    num_cpus = local_num_cpus(cfg)
     with _environment(RAY_GCS_SERVER_PORT=str(port), RAY_ADDRESS=f"127.0.0.1:{port}"):
-        ray.init(
+        context = ray.init(
             address="local",  # always a private instance: never attach to a cluster that merely runs here
-            num_cpus=local_num_cpus(cfg),
-            # Wanted by a person watching a laptop run (no Ray Train actor here needs its state API any
-            # more: see dlbatch.train.trainer_class). It costs ~1 s of start on 2 cores. Loopback only.
-            include_dashboard=missing is None,
+            num_cpus=num_cpus,
+            # Off unless asked for (cluster.local_dashboard): on 2 cores the dashboard and its module
+            # processes added ~1.5 s to ray.init and ~0.5 s to a fit's start (docs/PERFORMANCE.md), and no
+            # Ray Train actor of a local run needs its state API (see dlbatch.train.trainer_class).
+            # When on, loopback only.
+            include_dashboard=dashboard,
             dashboard_host="127.0.0.1",
             configure_logging=True,
             logging_level=logging.WARNING,
+        )
+    if dashboard:
+        log.info("local Ray: %d logical CPUs, dashboard at http://%s", num_cpus, context.dashboard_url)
+    else:
+        log.info(
+            "local Ray: %d logical CPUs, no dashboard (cluster.local_dashboard=true starts one)", num_cpus
         )
 
 

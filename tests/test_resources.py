@@ -4,6 +4,7 @@ The job runs in its own process with a local cluster of exactly 2 logical CPUs a
 1 CPU each. If the pipeline needed CPU-holding Ray Data tasks while the workers hold every CPU, this
 would hang, and the timeout turns the hang into a failure."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -12,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import fresh_python
 
 REPO = Path(__file__).parents[1]
 
@@ -112,11 +114,13 @@ sys.meta_path.insert(0, _Missing())
 
 def test_a_local_job_runs_without_the_dashboards_packages(ray_cluster, demo_root, tmp_path):
     """ray.init(include_dashboard=True) does not start when the dashboard's packages are missing (here the
-    job hung until this test's timeout); the job says so in one line and runs without it."""
+    job hung until this test's timeout); a job that asks for it says so in one line and runs without it."""
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(BLOCK_OPENCENSUS)
-    cmd = _text_train_job(demo_root, tmp_path / "out", "text.train.num_workers=1")
+    cmd = _text_train_job(
+        demo_root, tmp_path / "out", "text.train.num_workers=1", "cluster.local_dashboard=true"
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(REPO)])}
     done = subprocess.run(
         cmd, cwd=REPO, capture_output=True, text=True, timeout=300, start_new_session=True, env=env
@@ -127,3 +131,54 @@ def test_a_local_job_runs_without_the_dashboards_packages(ray_cluster, demo_root
     [line] = [line for line in out.splitlines() if "dashboard cannot start" in line]
     assert "No module named 'opencensus'" in line and "ray[default]" in line
     assert "Traceback" not in out
+
+
+LOCAL_DASHBOARD = """
+import json, logging, urllib.request
+import psutil, ray
+from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
+from dlbatch.cluster import ensure_ray
+from dlbatch.config import load_config
+
+logged = []
+handler = logging.Handler()
+handler.emit = lambda record: logged.append(record.getMessage())
+logging.getLogger("dlbatch").addHandler(handler)
+logging.getLogger("dlbatch").setLevel(logging.INFO)
+
+
+def get(url, headers):
+    try:
+        return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10).status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+seen = {}
+for name, overrides in (("default", []), ("asked", ["cluster.local_dashboard=true"])):
+    ensure_ray(load_config(None, overrides))
+    url = ray._private.worker._global_node.address_info["webui_url"]
+    seen[name] = {
+        "log": logged[-1],
+        "url": url,
+        "hosts": [a for p in psutil.Process().children(recursive=True) for a in p.cmdline()
+                  if a.startswith("--host=") and any("dashboard/dashboard.py" in b for b in p.cmdline())],
+        "status": url and {"anyone": get(f"http://{url}/api/version", {}),
+                           "token": get(f"http://{url}/api/version", get_auth_headers_if_auth_enabled({}))},
+    }
+    ray.shutdown()
+print(json.dumps(seen))
+"""
+
+
+def test_a_local_cluster_serves_its_dashboard_only_when_asked_on_loopback_with_the_token(ray_cluster):
+    """By default a local run starts Ray without the dashboard's web server (~2 s of start on 2 cores);
+    ``cluster.local_dashboard=true`` serves it on 127.0.0.1 only, to requests that carry the cluster's token,
+    and the job logs where."""
+    seen = json.loads(fresh_python(LOCAL_DASHBOARD))
+    default, asked = seen["default"], seen["asked"]
+    assert default["url"] == "" and "no dashboard (cluster.local_dashboard=true" in default["log"], default
+    assert asked["url"].startswith("127.0.0.1:"), asked
+    assert asked["log"].endswith(f"dashboard at http://{asked['url']}"), asked
+    assert asked["hosts"] == ["--host=127.0.0.1"], asked
+    assert asked["status"] == {"anyone": 401, "token": 200}, asked
