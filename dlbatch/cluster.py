@@ -137,7 +137,7 @@ def ensure_ray(cfg: JobConfig) -> None:
             address="local",  # always a private instance: never attach to a cluster that merely runs here
             num_cpus=num_cpus,
             # Off unless asked for (cluster.local_dashboard): on 2 cores the dashboard and its module
-            # processes added ~1.5 s to ray.init and ~0.5 s to a fit's start (docs/PERFORMANCE.md), and no
+            # processes added ~1.4 s to ray.init and ~0.6 s to a fit's start (docs/PERFORMANCE.md), and no
             # Ray Train actor of a local run needs its state API (see dlbatch.train.trainer_class).
             # When on, loopback only.
             include_dashboard=dashboard,
@@ -146,11 +146,10 @@ def ensure_ray(cfg: JobConfig) -> None:
             logging_level=logging.WARNING,
         )
     if dashboard:
-        log.info("local Ray: %d logical CPUs, dashboard at http://%s", num_cpus, context.dashboard_url)
+        where = f"dashboard at http://{context.dashboard_url}"
     else:
-        log.info(
-            "local Ray: %d logical CPUs, no dashboard (cluster.local_dashboard=true starts one)", num_cpus
-        )
+        where = "no dashboard (cluster.local_dashboard=true starts one)"
+    log.info("local Ray: %d logical CPUs, %s", num_cpus, where)
 
 
 @contextlib.contextmanager

@@ -147,6 +147,18 @@ logging.getLogger("dlbatch").addHandler(handler)
 logging.getLogger("dlbatch").setLevel(logging.INFO)
 
 
+def dashboard_hosts():  # --host= of Ray's dashboard processes under this one (some may exit meanwhile)
+    hosts = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            args = proc.cmdline()
+        except psutil.Error:
+            continue
+        if any("dashboard/dashboard.py" in arg for arg in args):
+            hosts += [arg for arg in args if arg.startswith("--host=")]
+    return hosts
+
+
 def get(url, headers):
     try:
         return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10).status
@@ -161,8 +173,7 @@ for name, overrides in (("default", []), ("asked", ["cluster.local_dashboard=tru
     seen[name] = {
         "log": logged[-1],
         "url": url,
-        "hosts": [a for p in psutil.Process().children(recursive=True) for a in p.cmdline()
-                  if a.startswith("--host=") and any("dashboard/dashboard.py" in b for b in p.cmdline())],
+        "hosts": dashboard_hosts(),
         "status": url and {"anyone": get(f"http://{url}/api/version", {}),
                            "token": get(f"http://{url}/api/version", get_auth_headers_if_auth_enabled({}))},
     }
