@@ -12,6 +12,7 @@ import contextlib
 import logging
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from itertools import islice
 from typing import Any
@@ -34,6 +35,17 @@ FEATURES = {"image": ["x", "y"], "text": ["tokens", "length", "y"]}
 def shard_name(split: str, rank: int) -> str:
     """Trainer dataset name of one rank's part of a split (also a log file name: no slashes)."""
     return f"{split}-rank{rank}"
+
+
+def rank_parts(shards: dict[str, Any], rank: int) -> tuple[Any, Any]:
+    """This rank's training and validation parts, materialized here once per fit.
+
+    A part arrives pickled in ``train_loop_config``, and a pickled Ray Data dataset has lost its cached
+    blocks (a ``split`` part never had them), so every pass over it would start a streaming executor: two
+    per epoch on every rank. ``materialize()`` only collects the blocks the driver already holds (nothing is
+    read or copied), and later passes read them directly, in the same order.
+    """
+    return tuple(shards[shard_name(split, rank)].materialize() for split in ("train", "val"))
 
 
 def _autocast(device: torch.device):
@@ -156,8 +168,12 @@ def _warn_if_too_frequent(state: dict[str, Any]) -> None:
 def _quiet_per_epoch_logs() -> None:
     """Every epoch each rank would log Ray Data's execution banners for each of its two iterators, and Ray
     Train a "Reporting training result" line with the whole metrics dict for every report (mid-epoch
-    checkpoints too); rank 0's one epoch line says it all. Warnings and errors still show."""
+    checkpoints too); rank 0's one epoch line says it all. Warnings and errors still show, but one."""
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # A batch that lies inside one stored block can be a read-only NumPy view, and torch warns about it once
+    # per worker (seen with and without ``rank_parts``). Nothing here writes into a batch, and a check that
+    # wrote into every batch in place found the next pass over the part unchanged.
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
     try:  # Ray Train names that logger by its module's file path (a private module: skip if it moves)
         from ray.train.v2._internal.execution import context as train_context
     except ImportError:
@@ -235,7 +251,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             save_checkpoint(tmp, raw_model, optimizer, {**cfg["meta"], **meta, "history": history})
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
-    train_shard, val_shard = (cfg["shards"][shard_name(split, rank)] for split in ("train", "val"))
+    train_shard, val_shard = rank_parts(cfg["shards"], rank)
     first_batch_at: list[float] = []
     last_mid_epoch_checkpoint = {"at": None, "warned": False}
     for epoch in range(start_epoch, tcfg["epochs"]):

@@ -161,24 +161,39 @@ def test_each_rank_iterates_its_part_in_one_order_every_epoch(ray_cluster):
     import ray.data
 
     from dlbatch.pipeline import split_for_ranks
-    from dlbatch.train import shard_name
+    from dlbatch.train import rank_parts, shard_name
 
     data = ray.data.range(6000, override_num_blocks=60).map_batches(lambda b: b, batch_size=50).materialize()
-    parts = split_for_ranks({"train": data}, 2)
+    parts = split_for_ranks({"train": data, "val": data}, 2)
 
     @ray.remote
-    def two_passes(config: dict, name: str) -> list[list[int]]:
+    def two_passes(config: dict, rank: int) -> list[list[int]]:
+        train_part, _ = rank_parts(config["shards"], rank)  # as the worker takes them
+
         def one_pass():
-            batches = config["shards"][name].iter_torch_batches(batch_size=64, prefetch_batches=2)
+            batches = train_part.iter_torch_batches(batch_size=64, prefetch_batches=2)
             return [int(i) for batch in batches for i in batch["id"]]
 
         return [one_pass(), one_pass()]
 
     for rank in range(2):
-        name = shard_name("train", rank)
-        stored = [row["id"] for row in parts[name].take_all()]
+        stored = [row["id"] for row in parts[shard_name("train", rank)].take_all()]
         assert len(stored) == 3000
-        assert ray.get(two_passes.remote({"shards": parts}, name)) == [stored, stored]
+        assert ray.get(two_passes.remote({"shards": parts}, rank)) == [stored, stored]
+
+
+def test_a_training_worker_hides_only_torchs_warning_about_read_only_batches():
+    """Its line per worker in the job log says nothing a user can act on; other warnings still show."""
+    seen = fresh_python(
+        "import warnings, numpy as np, torch\n"
+        "from dlbatch.train import _quiet_per_epoch_logs\n"
+        "_quiet_per_epoch_logs()\n"
+        "stored = np.zeros(4); stored.flags.writeable = False\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    torch.as_tensor(stored); warnings.warn('any other warning')\n"
+        "print([str(w.message) for w in caught])"
+    )
+    assert seen == "['any other warning']"
 
 
 def test_only_a_cluster_this_process_started_counts_as_its_own(ray_cluster):
