@@ -1,11 +1,12 @@
 """What each injected fault costs: the same work with and without the fault, on the same data and machine,
 in one run. Faults are real: processes killed with SIGKILL, a node removed from a running cluster.
 
-    python bench/faults.py [--train-rows 60000] [--score-rows 40000] [--out bench/faults.json]
+    python bench/faults.py [--train-rows 60000] [--score-rows 40000] [--only FAULT ...] [--out bench/faults.json]
 
 Faults (text task; the image task shares every code path measured here):
   training worker killed 60% into epoch 2, with end-of-epoch checkpoints only, and again with mid-epoch
   checkpoints (train.checkpoint_every_steps); the clean run of each has the same checkpoints;
+  a training job (the driver and its local Ray) killed 60% into epoch 2, then run again;
   a worker node removed mid-training on a 3-node cluster on this machine (tests/multinode_run.py);
   a prediction job killed once it has written its first file, then run again;
   an inference process killed mid-job, with an actor pool and with Ray tasks.
@@ -96,6 +97,67 @@ def _train(out: Path, data: dict[str, str], extra: list[str], kill_after_s: floa
         "test_accuracy": summary["test_accuracy"],
         "train_losses": [h["train_loss"] for h in history],
         "weights": _weights_digest(summary["paths"]["model"]),
+    }  # fmt: skip
+
+
+def train_job_killed(root: Path, data: dict[str, str], extra: list[str]) -> dict:
+    """Whole training jobs (``jobs/train.py``, their own local Ray each): clean, then SIGKILLed with their
+    Ray 60% into epoch 2 (of the clean job's epoch time, counted from epoch 1's registered checkpoint), as
+    when the driver's machine or pod dies, and run again: the rerun resumes from the last registered
+    checkpoint. Lost = (killed job's time + rerun) - clean job. Same model: the rerun publishes the clean
+    job's weights, bit for bit."""
+
+    def job(out: Path) -> list[str]:
+        return [
+            sys.executable,
+            "jobs/train.py",
+            *_overrides(out, data, f"text.train.epochs={EPOCHS}", *extra),
+        ]
+
+    def summary(out: Path) -> dict:
+        return json.loads((out / "runs" / RUN_DATE / "text" / "summary.json").read_text())
+
+    t0 = time.time()
+    subprocess.run(job(root / "job-clean"), cwd=REPO, check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)  # fmt: skip
+    clean_s = time.time() - t0
+    kill_after_s = KILL_INTO_EPOCH * statistics.median(
+        h["epoch_s"] for h in summary(root / "job-clean")["history"]
+    )
+
+    out = root / "job-faulted"
+    storage = out / "ray_results" / f"text-{RUN_DATE}"
+    t0 = time.time()
+    proc = subprocess.Popen(job(out), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # fmt: skip
+    while not any(m.get("epoch") == 0 and m.get("step") is None for m in registered_metrics(storage)):
+        if proc.poll() is not None:
+            raise RuntimeError("the training job ended before epoch 1's checkpoint was registered")
+        time.sleep(0.1)
+    time.sleep(kill_after_s)
+    if proc.poll() is not None:
+        raise RuntimeError("the training job ended before it could be killed")
+    kill_tree(proc)
+    killed_after_s = time.time() - t0
+    t0 = time.time()
+    rerun = subprocess.run(job(out), cwd=REPO, capture_output=True, text=True)
+    rerun_s = time.time() - t0
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    history = summary(out)["history"]
+    resumed = next((h for h in history if h["resumed_from_epoch"] is not None), None)
+    return {
+        "clean_s": clean_s,
+        "faulted_s": killed_after_s + rerun_s,
+        "killed_after_s": killed_after_s,
+        "kill_after_s": kill_after_s,
+        "killed": True,
+        "resumed_from": None if resumed is None else {
+            "epoch": resumed["resumed_from_epoch"], "step": resumed["resumed_at_step"]},
+        "exact": [h["epoch"] for h in history] == list(range(EPOCHS))
+        and len({h["train_samples"] for h in history}) == 1,
+        "train_losses": [h["train_loss"] for h in history],
+        "weights": _weights_digest(summary(out)["paths"]["model"]),
+        "clean_weights": _weights_digest(summary(root / "job-clean")["paths"]["model"]),
     }  # fmt: skip
 
 
@@ -220,6 +282,9 @@ def _where(resumed: dict | None) -> str:
     return f"end of epoch {resumed['epoch'] + 1}"
 
 
+FAULTS = ("worker", "worker-mid-epoch", "driver", "predict-job", "predict-job-parts", "actor", "task", "node")
+
+
 def print_table(results: dict) -> None:
     print(
         f"\nfault costs ({results['train_rows']:,} training rows, {EPOCHS} epochs; {results['score_rows']:,} rows scored)"
@@ -232,10 +297,17 @@ def print_table(results: dict) -> None:
             f"  same, checkpoint every {results['checkpoint_every_steps']} steps",
         ),
     ):
+        if name not in results:
+            continue
         clean, faulted = results[name]["clean"], results[name]["faulted"]
         same = "yes" if faulted["weights"] == clean["weights"] else "no"
         rows.append((label, clean["fit_s"], faulted["fit_s"], faulted["resumed_from"],
                      faulted["exact"] and faulted["killed"], same))  # fmt: skip
+    if "train_job_killed" in results:
+        r = results["train_job_killed"]
+        same = "yes" if r["weights"] == r["clean_weights"] else "no"
+        rows.append(("training job (driver) killed, then rerun", r["clean_s"], r["faulted_s"],
+                     r["resumed_from"], r["exact"], same))  # fmt: skip
     for name, label in (
         ("node_removed", "worker node removed (3 nodes, 10 epochs)"),
         ("predict_job_killed", "prediction job killed, then rerun"),
@@ -243,6 +315,8 @@ def print_table(results: dict) -> None:
         ("actor_killed", "inference actor killed"),
         ("task_killed", "inference task's worker killed"),
     ):
+        if name not in results:
+            continue
         r = results[name]
         ok = r["exact"] and r.get("killed", True) and r.get("nothing_visible_after_kill", True)
         rows.append((label, r["clean_s"], r["faulted_s"], r.get("resumed_from"), ok, "-"))
@@ -255,13 +329,16 @@ def print_table(results: dict) -> None:
             f"{ok!s:6} {same}"
         )
     print("(same model: the faulted fit's published weights are bit-identical to its clean run's)")
-    parts = results["predict_job_killed_parts"]
-    print(
-        f"(prediction job in parts of {parts['rows_per_part']:,} rows: the rerun kept {parts['score_parts_reused']})"
-    )
-    print(
-        f"(the training worker is killed {results['kill_after_s']:.1f} s after epoch 1's checkpoint is registered)"
-    )
+    if "predict_job_killed_parts" in results:
+        parts = results["predict_job_killed_parts"]
+        print(f"(prediction job in parts of {parts['rows_per_part']:,} rows: the rerun kept "
+              f"{parts['score_parts_reused']})")  # fmt: skip
+    if "kill_after_s" in results:
+        print(f"(the training worker is killed {results['kill_after_s']:.1f} s after epoch 1's checkpoint is "
+              "registered)")  # fmt: skip
+    if "train_job_killed" in results:
+        print(f"(the training job is killed {results['train_job_killed']['kill_after_s']:.1f} s after epoch 1's "
+              "checkpoint is registered)")  # fmt: skip
 
 
 def main() -> int:
@@ -272,8 +349,11 @@ def main() -> int:
     parser.add_argument("--score-rows", type=int, default=40_000)
     parser.add_argument("--checkpoint-every-steps", type=int, default=None,
                         help="mid-epoch checkpoint interval (default: a quarter of an epoch's steps)")  # fmt: skip
+    parser.add_argument("--only", nargs="+", choices=FAULTS, default=list(FAULTS), metavar="FAULT",
+                        help=f"run only these faults, of: {' '.join(FAULTS)} (default: all)")  # fmt: skip
     parser.add_argument("--out", default=str(Path(__file__).parent / "faults.json"))
     args = parser.parse_args()
+    only = set(args.only)
 
     root = Path(tempfile.mkdtemp(prefix="dlbatch-faults-"))
     try:
@@ -288,33 +368,46 @@ def main() -> int:
         epoch_only = [f"text.train.batch_size={batch}"]
 
         results: dict = {"train_rows": args.train_rows, "score_rows": args.score_rows, "epochs": EPOCHS,
-                         "checkpoint_every_steps": every, "steps_per_epoch": steps_per_epoch}  # fmt: skip
-        clean = _train(root / "train-clean", data, epoch_only)
-        kill_after_s = KILL_INTO_EPOCH * statistics.median(clean["epoch_s"])
-        results["worker_killed_epoch_checkpoints"] = {
-            "clean": clean, "faulted": _train(root / "train-faulted", data, epoch_only, kill_after_s)}  # fmt: skip
-        results["worker_killed_mid_epoch_checkpoints"] = {
-            "clean": _train(root / "mid-clean", data, mid_epoch),
-            "faulted": _train(root / "mid-faulted", data, mid_epoch, kill_after_s),
-        }
-        results["kill_after_s"] = kill_after_s
+                         "checkpoint_every_steps": every, "steps_per_epoch": steps_per_epoch,
+                         "faults": sorted(only)}  # fmt: skip
+        if only & {"worker", "worker-mid-epoch", "predict-job", "predict-job-parts", "actor", "task"}:
+            # Its model is the one the prediction faults score with.
+            clean = _train(root / "train-clean", data, epoch_only)
+            kill_after_s = KILL_INTO_EPOCH * statistics.median(clean["epoch_s"])
+        if "worker" in only:
+            results["worker_killed_epoch_checkpoints"] = {
+                "clean": clean, "faulted": _train(root / "train-faulted", data, epoch_only, kill_after_s)}  # fmt: skip
+        if "worker-mid-epoch" in only:
+            results["worker_killed_mid_epoch_checkpoints"] = {
+                "clean": _train(root / "mid-clean", data, mid_epoch),
+                "faulted": _train(root / "mid-faulted", data, mid_epoch, kill_after_s),
+            }
+        if only & {"worker", "worker-mid-epoch"}:
+            results["kill_after_s"] = kill_after_s
 
         model_root = root / "train-clean"  # holds the trained model the prediction runs use
         model = model_root / "runs" / RUN_DATE / "text" / "model"
-        results["predict_job_killed"] = predict_job_killed(root, model, score, args.score_rows)
-        results["predict_job_killed_parts"] = predict_job_killed(
-            root, model, score, args.score_rows, rows_per_part=args.score_rows // 4
-        )
-        results["actor_killed"] = inference_killed(
-            model_root, score, args.score_rows, "actors", "MapWorker(MapBatches(Predictor))"
-        )
-        results["task_killed"] = inference_killed(
-            model_root, score, args.score_rows, "tasks", "MapBatches(predict_batch)"
-        )
+        if "predict-job" in only:
+            results["predict_job_killed"] = predict_job_killed(root, model, score, args.score_rows)
+        if "predict-job-parts" in only:
+            results["predict_job_killed_parts"] = predict_job_killed(
+                root, model, score, args.score_rows, rows_per_part=args.score_rows // 4
+            )
+        if "actor" in only:
+            results["actor_killed"] = inference_killed(
+                model_root, score, args.score_rows, "actors", "MapWorker(MapBatches(Predictor))"
+            )
+        if "task" in only:
+            results["task_killed"] = inference_killed(
+                model_root, score, args.score_rows, "tasks", "MapBatches(predict_batch)"
+            )
         import ray
 
-        ray.shutdown()  # the multi-node helper starts its own 3-node cluster
-        results["node_removed"] = node_removed(root, small)
+        ray.shutdown()  # the jobs and the multi-node helper below start their own clusters
+        if "driver" in only:
+            results["train_job_killed"] = train_job_killed(root, data, epoch_only)
+        if "node" in only:
+            results["node_removed"] = node_removed(root, small)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
