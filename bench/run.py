@@ -168,68 +168,87 @@ def bench_training(
     batch_size: int | None = None,
     overrides: tuple[str, ...] = (),
 ) -> dict:
-    """Per task, ``repeats`` alternating rounds of dlbatch then the plain loop(s); medians of the rounds'
-    steady-state samples/s (each round's own figure is the median of its epochs after the first).
+    """Per task, ``repeats`` rounds of dlbatch and the plain loop(s), in alternating order; medians of the
+    rounds' steady-state samples/s (each round's own figure is the median of its epochs after the first).
     ``overrides`` (config ``key=value``) apply to both sides: the plain loop builds the model from the
     same data metadata."""
     out = {}
     for task in ("image", "text"):
-        runs: dict[str, list[float]] = {"dlbatch": [], "plain": [], "plain_same_layout": []}
-        excess, stage, first_batch, gpu_util, plain_gpu_util = [], [], [], [], []
         extra = [f"{task}.train.use_gpu=true", f"{task}.train.num_workers={gpus}"] if gpus else []
         if batch_size:
             extra.append(f"{task}.train.batch_size={batch_size}")
         extra += [o for o in overrides if o.startswith(f"{task}.")]
-        for rep in range(repeats):
-            cfg = load_config(None, [f"tasks=[{task}]", f"output_root={root}/train-{task}-{rep}",
-                                     f"demo_rows={train_rows}", f"{task}.train.epochs={epochs}",
-                                     "run_date=2026-01-01", *extra])  # fmt: skip
-            with GpuUtilization() as util:
-                [summary] = run_train(cfg)
-            hist = summary["history"]
-            gpu_util.append(util.mean(train_windows(hist)))
-            runs["dlbatch"].append(steady(hist))
-            stage.append(summary["durations_s"]["train"])
-            first_batch.append(summary["durations_s"]["train_first_batch"])
-            excess.append(
-                stage[-1] - sum(h["epoch_s"] for h in hist) + (hist[0]["epoch_s"] - hist[1]["epoch_s"])
-            )
-            tcfg = cfg.task(task).train
+        out[task] = _bench_training_task(root, task, train_rows, epochs, repeats, gpus, extra)
+    return out
+
+
+def _bench_training_task(
+    root: str, task: str, train_rows: int, epochs: int, repeats: int, gpus: int, extra: list[str]
+) -> dict:
+    """``bench_training`` for one task; ``extra``: its config overrides."""
+    runs: dict[str, list[float]] = {"dlbatch": [], "plain": [], "plain_same_layout": []}
+    excess, stage, first_batch, gpu_util, plain_gpu_util = [], [], [], [], []
+    plain_data: dict = {}  # the same demo data every round (same rows and seed): loaded once
+
+    def run_dlbatch(cfg) -> None:
+        with GpuUtilization() as util:
+            [summary] = run_train(cfg)
+        hist = summary["history"]
+        gpu_util.append(util.mean(train_windows(hist)))
+        runs["dlbatch"].append(steady(hist))
+        stage.append(summary["durations_s"]["train"])
+        first_batch.append(summary["durations_s"]["train_first_batch"])
+        excess.append(stage[-1] - sum(h["epoch_s"] for h in hist) + (hist[0]["epoch_s"] - hist[1]["epoch_s"]))
+        plain_data["model_dir"] = summary["paths"]["model"]
+        if "train" not in plain_data:
             data = check_task_data(cfg, task, ("train", "val"))
             paths = data_paths(cfg, task)
             spec = spec_for(task, data.meta)
-            train, val = load_split(paths["train"], spec), load_split(paths["val"], spec)
-            torch.set_num_threads(os.cpu_count() or 1)
-            # With dlbatch's memory layout (CNN only), the ratio against the plain loop is Ray's own cost.
-            for name, channels_last in [("plain", False)] + (
-                [("plain_same_layout", True)] if task == "image" else []
-            ):
-                with GpuUtilization() as util:
-                    _, plain_hist = train_plain(task, data.meta, train, val, epochs,
-                                                tcfg.batch_size * tcfg.num_workers, tcfg.lr,
-                                                channels_last=channels_last, device="cuda" if gpus else "cpu")  # fmt: skip
-                runs[name].append(steady(plain_hist))
-                if name == "plain":
-                    plain_gpu_util.append(util.mean(train_windows(plain_hist)))
-        out[task] = {
-            "repeats": repeats,
-            "dlbatch_samples_per_s": statistics.median(runs["dlbatch"]),
-            "plain_samples_per_s": statistics.median(runs["plain"]),
-            "plain_same_layout_samples_per_s": statistics.median(runs["plain_same_layout"])
-            if runs["plain_same_layout"]
-            else None,
-            "all_runs": runs,
-            "train_stage_s": statistics.median(stage),
-            "worker_group_start_and_first_epoch_excess_s": statistics.median(excess),
-            "fit_to_first_batch_s": statistics.median(first_batch),
-            "gpu_utilization_pct": median_or_none(gpu_util),
-            # The same for the plain loop, whose batches are already decoded in memory: what the model
-            # alone can keep busy.
-            "plain_gpu_utilization_pct": median_or_none(plain_gpu_util),
-            "model_dir": summary["paths"]["model"],
-        }
-        out[task]["ratio"] = out[task]["dlbatch_samples_per_s"] / out[task]["plain_samples_per_s"]
-    return out
+            plain_data.update(meta=data.meta, train=load_split(paths["train"], spec),
+                              val=load_split(paths["val"], spec))  # fmt: skip
+
+    def run_plain(cfg) -> None:
+        tcfg = cfg.task(task).train
+        torch.set_num_threads(os.cpu_count() or 1)
+        # With dlbatch's memory layout (CNN only), the ratio against the plain loop is Ray's own cost.
+        for name, channels_last in [("plain", False)] + (
+            [("plain_same_layout", True)] if task == "image" else []
+        ):
+            with GpuUtilization() as util:
+                _, plain_hist = train_plain(task, plain_data["meta"], plain_data["train"], plain_data["val"],
+                                            epochs, tcfg.batch_size * tcfg.num_workers, tcfg.lr,
+                                            channels_last=channels_last, device="cuda" if gpus else "cpu")  # fmt: skip
+            runs[name].append(steady(plain_hist))
+            if name == "plain":
+                plain_gpu_util.append(util.mean(train_windows(plain_hist)))
+
+    for rep in range(repeats):
+        cfg = load_config(None, [f"tasks=[{task}]", f"output_root={root}/train-{task}-{rep}",
+                                 f"demo_rows={train_rows}", f"{task}.train.epochs={epochs}",
+                                 "run_date=2026-01-01", *extra])  # fmt: skip
+        # dlbatch first in even rounds, the plain loop first in odd ones: this shared host's speed drifts
+        # within a run (up to a third in ten minutes), and a fixed order would hand one side the later slot.
+        for side in (run_dlbatch, run_plain) if rep % 2 == 0 else (run_plain, run_dlbatch):
+            side(cfg)
+    result = {
+        "repeats": repeats,
+        "dlbatch_samples_per_s": statistics.median(runs["dlbatch"]),
+        "plain_samples_per_s": statistics.median(runs["plain"]),
+        "plain_same_layout_samples_per_s": statistics.median(runs["plain_same_layout"])
+        if runs["plain_same_layout"]
+        else None,
+        "all_runs": runs,
+        "train_stage_s": statistics.median(stage),
+        "worker_group_start_and_first_epoch_excess_s": statistics.median(excess),
+        "fit_to_first_batch_s": statistics.median(first_batch),
+        "gpu_utilization_pct": median_or_none(gpu_util),
+        # The same for the plain loop, whose batches are already decoded in memory: what the model
+        # alone can keep busy.
+        "plain_gpu_utilization_pct": median_or_none(plain_gpu_util),
+        "model_dir": plain_data["model_dir"],
+    }
+    result["ratio"] = result["dlbatch_samples_per_s"] / result["plain_samples_per_s"]
+    return result
 
 
 def write_score_set(path: Path, rows: int, distinct: int = 50_000) -> Path:
@@ -295,16 +314,24 @@ def bench_inference(
                  *(["image.predict.gpus_per_actor=1"] if gpus else [])]  # fmt: skip
     device = "cuda" if gpus else "cpu"
     ours, plain, plain_fast, peaks, gpu_util = [], [], [], [], []
-    for _ in range(repeats):  # alternate, so load on this shared machine hits both sides alike
+
+    def run_dlbatch() -> None:
         with PeakRSS() as mem, GpuUtilization() as util:
             [summary] = run_predict(load_config(None, overrides), model=model_dir)
         ours.append(rows / summary["durations_s"]["predict"])
         peaks.append(mem.peak)
         gpu_util.append(util.mean())
+
+    def run_plain() -> None:
         torch.set_num_threads(os.cpu_count() or 1)
         out = Path(root) / "plain-preds.parquet"
         plain.append(rows / plain_inference(score, model_dir, out, device=device))
         plain_fast.append(rows / plain_inference(score, model_dir, out, fast=True, device=device))
+
+    # Alternate rounds and their order (as in training), so a drifting host hits both sides alike.
+    for rep in range(repeats):
+        for side in (run_dlbatch, run_plain) if rep % 2 == 0 else (run_plain, run_dlbatch):
+            side()
     return {
         "rows": rows,
         "repeats": repeats,
