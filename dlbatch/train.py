@@ -168,7 +168,7 @@ def _warn_if_too_frequent(state: dict[str, Any]) -> None:
 def _quiet_per_epoch_logs() -> None:
     """Every epoch each rank would log Ray Data's execution banners for each of its two iterators, and Ray
     Train a "Reporting training result" line with the whole metrics dict for every report (mid-epoch
-    checkpoints too); rank 0's one epoch line says it all. Warnings and errors still show, but one."""
+    checkpoints too); rank 0's one epoch line says it all. Warnings and errors still show, but for the one below."""
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     # A batch that lies inside one stored block can be a read-only NumPy view, and torch warns about it once
     # per worker (seen with and without ``rank_parts``). Nothing here writes into a batch, and a check that

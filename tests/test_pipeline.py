@@ -166,20 +166,26 @@ def test_each_rank_iterates_its_part_in_one_order_every_epoch(ray_cluster):
     data = ray.data.range(6000, override_num_blocks=60).map_batches(lambda b: b, batch_size=50).materialize()
     parts = split_for_ranks({"train": data, "val": data}, 2)
 
+    def blocks(part) -> list[str]:
+        return [ref.hex() for bundle in part.iter_internal_ref_bundles() for ref in bundle.block_refs]
+
     @ray.remote
-    def two_passes(config: dict, rank: int) -> list[list[int]]:
+    def two_passes(config: dict, rank: int) -> tuple[list[str], list[list[int]]]:
         train_part, _ = rank_parts(config["shards"], rank)  # as the worker takes them
 
         def one_pass():
             batches = train_part.iter_torch_batches(batch_size=64, prefetch_batches=2)
             return [int(i) for batch in batches for i in batch["id"]]
 
-        return [one_pass(), one_pass()]
+        return blocks(train_part), [one_pass(), one_pass()]
 
     for rank in range(2):
-        stored = [row["id"] for row in parts[shard_name("train", rank)].take_all()]
+        part = parts[shard_name("train", rank)]
+        stored = [row["id"] for row in part.take_all()]
         assert len(stored) == 3000
-        assert ray.get(two_passes.remote({"shards": parts}, rank)) == [stored, stored]
+        held, passes = ray.get(two_passes.remote({"shards": parts}, rank))
+        assert passes == [stored, stored]
+        assert held == blocks(part)  # the driver's blocks themselves: materializing copied nothing
 
 
 def test_a_training_worker_hides_only_torchs_warning_about_read_only_batches():
