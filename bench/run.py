@@ -445,20 +445,27 @@ def main() -> int:
         "inference_fraction": flops * large["dlbatch_images_per_s"] / peak,
     }
     save(results)
+    text = results["training"]["text"]
     rows = [
-        ("CNN training samples/s", image["dlbatch_samples_per_s"], image["plain_samples_per_s"], image["ratio"]),
+        ("CNN training samples/s", image["dlbatch_samples_per_s"], image["plain_samples_per_s"], image["ratio"],
+         image["all_runs"], "plain"),
         ("  vs plain in dlbatch's layout", image["dlbatch_samples_per_s"], image["plain_same_layout_samples_per_s"],
-         image["dlbatch_samples_per_s"] / image["plain_same_layout_samples_per_s"]),
-        ("GRU training samples/s", results["training"]["text"]["dlbatch_samples_per_s"],
-         results["training"]["text"]["plain_samples_per_s"], results["training"]["text"]["ratio"]),
+         image["dlbatch_samples_per_s"] / image["plain_same_layout_samples_per_s"], image["all_runs"],
+         "plain_same_layout"),
+        ("GRU training samples/s", text["dlbatch_samples_per_s"], text["plain_samples_per_s"], text["ratio"],
+         text["all_runs"], "plain"),
         (f"inference images/s ({args.infer_rows:,})", large["dlbatch_images_per_s"], large["plain_images_per_s"],
-         results["inference"]["ratio"]),
+         results["inference"]["ratio"], large["all_runs"], "plain"),
         ("  vs plain with the same fast paths", large["dlbatch_images_per_s"],
-         large["plain_same_fast_paths_images_per_s"], results["inference"]["ratio_same_fast_paths"]),
+         large["plain_same_fast_paths_images_per_s"], results["inference"]["ratio_same_fast_paths"],
+         large["all_runs"], "plain_same_fast_paths"),
     ]  # fmt: skip
-    print(f"{'metric':34} {'dlbatch':>10} {'plain':>10} {'ratio':>7}")
-    for name, ours, base, ratio in rows:
-        print(f"{name:34} {ours:10,.0f} {base:10,.0f} {ratio:7.2f}")
+    # Each round's own ratio too: its two sides ran minutes apart, so a host whose speed drifts during the run
+    # moves them together. The ratio column is the ratio of the medians.
+    print(f"{'metric':34} {'dlbatch':>10} {'plain':>10} {'ratio':>7}  each round")
+    for name, ours, base, ratio, runs, baseline in rows:
+        each = " / ".join(f"{a / b:.2f}" for a, b in zip(runs["dlbatch"], runs[baseline], strict=True))
+        print(f"{name:34} {ours:10,.0f} {base:10,.0f} {ratio:7.2f}  {each}")
     mem = results["memory"]
     print(
         f"peak RSS N={args.infer_rows // 10:,}: {mem['peak_rss_n'] / 2**20:,.0f} MiB, 10N: {mem['peak_rss_10n'] / 2**20:,.0f} MiB, ratio {mem['ratio']:.2f}"
