@@ -63,6 +63,27 @@ def _weights_digest(model_uri: str) -> str:
     return digest.hexdigest()[:16]
 
 
+def _epoch_1_registered(storage: Path) -> bool:
+    """Ray Train has registered epoch 1's end-of-epoch checkpoint (a group restarted after it resumes there)."""
+    return any(m.get("epoch") == 0 and m.get("step") is None for m in registered_metrics(storage))
+
+
+def _fit_outcome(summary: dict) -> dict:
+    """What a fit's summary says after a fault: where it resumed, whether it was exact, its model."""
+    history = summary["history"]
+    resumed = next((h for h in history if h["resumed_from_epoch"] is not None), None)
+    return {
+        "epoch_s": [h["epoch_s"] for h in history],
+        "resumed_from": None if resumed is None else {
+            "epoch": resumed["resumed_from_epoch"], "step": resumed["resumed_at_step"]},
+        # Exact: epochs 0..n-1 once each, and each one trained on the same number of samples.
+        "exact": [h["epoch"] for h in history] == list(range(EPOCHS))
+        and len({h["train_samples"] for h in history}) == 1,
+        "train_losses": [h["train_loss"] for h in history],
+        "weights": _weights_digest(summary["paths"]["model"]),
+    }  # fmt: skip
+
+
 def _train(out: Path, data: dict[str, str], extra: list[str], kill_after_s: float | None = None) -> dict:
     """One fit; with ``kill_after_s``, one training worker is SIGKILLed that long after epoch 1's
     checkpoint is registered (the restarted group resumes from the latest registered checkpoint)."""
@@ -73,8 +94,7 @@ def _train(out: Path, data: dict[str, str], extra: list[str], kill_after_s: floa
 
         def ready() -> bool:
             if "epoch_1_registered_at" not in state:
-                metrics = registered_metrics(storage)
-                if not any(m.get("epoch") == 0 and m.get("step") is None for m in metrics):
+                if not _epoch_1_registered(storage):
                     return False
                 state["epoch_1_registered_at"] = time.time()
             return time.time() - state["epoch_1_registered_at"] >= kill_after_s
@@ -83,21 +103,12 @@ def _train(out: Path, data: dict[str, str], extra: list[str], kill_after_s: floa
     [summary] = run_train(cfg)
     if kill_after_s is not None:
         killer.join(timeout=1)
-    history = summary["history"]
-    resumed = next((h for h in history if h["resumed_from_epoch"] is not None), None)
     return {
         "fit_s": summary["durations_s"]["train"],
         "killed": "killed_pid" in state if kill_after_s is not None else None,
-        "epoch_s": [h["epoch_s"] for h in history],
-        "resumed_from": None if resumed is None else {
-            "epoch": resumed["resumed_from_epoch"], "step": resumed["resumed_at_step"]},
-        # Exact: epochs 0..n-1 once each, and each one trained on the same number of samples.
-        "exact": [h["epoch"] for h in history] == list(range(EPOCHS))
-        and len({h["train_samples"] for h in history}) == 1,
         "test_accuracy": summary["test_accuracy"],
-        "train_losses": [h["train_loss"] for h in history],
-        "weights": _weights_digest(summary["paths"]["model"]),
-    }  # fmt: skip
+        **_fit_outcome(summary),
+    }
 
 
 def train_job_killed(root: Path, data: dict[str, str], extra: list[str]) -> dict:
@@ -121,16 +132,15 @@ def train_job_killed(root: Path, data: dict[str, str], extra: list[str]) -> dict
     subprocess.run(job(root / "job-clean"), cwd=REPO, check=True, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL)  # fmt: skip
     clean_s = time.time() - t0
-    kill_after_s = KILL_INTO_EPOCH * statistics.median(
-        h["epoch_s"] for h in summary(root / "job-clean")["history"]
-    )
+    clean = summary(root / "job-clean")
+    kill_after_s = KILL_INTO_EPOCH * statistics.median(h["epoch_s"] for h in clean["history"])
 
     out = root / "job-faulted"
     storage = out / "ray_results" / f"text-{RUN_DATE}"
     t0 = time.time()
     proc = subprocess.Popen(job(out), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)  # fmt: skip
-    while not any(m.get("epoch") == 0 and m.get("step") is None for m in registered_metrics(storage)):
+    while not _epoch_1_registered(storage):
         if proc.poll() is not None:
             raise RuntimeError("the training job ended before epoch 1's checkpoint was registered")
         time.sleep(0.1)
@@ -143,22 +153,15 @@ def train_job_killed(root: Path, data: dict[str, str], extra: list[str]) -> dict
     rerun = subprocess.run(job(out), cwd=REPO, capture_output=True, text=True)
     rerun_s = time.time() - t0
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    history = summary(out)["history"]
-    resumed = next((h for h in history if h["resumed_from_epoch"] is not None), None)
     return {
         "clean_s": clean_s,
         "faulted_s": killed_after_s + rerun_s,
         "killed_after_s": killed_after_s,
         "kill_after_s": kill_after_s,
         "killed": True,
-        "resumed_from": None if resumed is None else {
-            "epoch": resumed["resumed_from_epoch"], "step": resumed["resumed_at_step"]},
-        "exact": [h["epoch"] for h in history] == list(range(EPOCHS))
-        and len({h["train_samples"] for h in history}) == 1,
-        "train_losses": [h["train_loss"] for h in history],
-        "weights": _weights_digest(summary(out)["paths"]["model"]),
-        "clean_weights": _weights_digest(summary(root / "job-clean")["paths"]["model"]),
-    }  # fmt: skip
+        **_fit_outcome(summary(out)),
+        "clean_weights": _weights_digest(clean["paths"]["model"]),
+    }
 
 
 def _rows(pred_dir: Path, expected: int) -> dict:

@@ -188,7 +188,10 @@ def _bench_training_task(
     """``bench_training`` for one task; ``extra``: its config overrides."""
     runs: dict[str, list[float]] = {"dlbatch": [], "plain": [], "plain_same_layout": []}
     excess, stage, first_batch, gpu_util, plain_gpu_util = [], [], [], [], []
-    plain_data: dict = {}  # the same demo data every round (same rows and seed): loaded once
+    # The plain loop's data, loaded once after round 0's fit wrote it (every round's demo data has the same
+    # rows and seed; round 0 runs dlbatch first), and the latest fit's model (what inference scores with).
+    plain_data: dict = {}
+    model_dir: list[str] = []
 
     def run_dlbatch(cfg) -> None:
         with GpuUtilization() as util:
@@ -199,7 +202,7 @@ def _bench_training_task(
         stage.append(summary["durations_s"]["train"])
         first_batch.append(summary["durations_s"]["train_first_batch"])
         excess.append(stage[-1] - sum(h["epoch_s"] for h in hist) + (hist[0]["epoch_s"] - hist[1]["epoch_s"]))
-        plain_data["model_dir"] = summary["paths"]["model"]
+        model_dir[:] = [summary["paths"]["model"]]
         if "train" not in plain_data:
             data = check_task_data(cfg, task, ("train", "val"))
             paths = data_paths(cfg, task)
@@ -245,7 +248,7 @@ def _bench_training_task(
         # The same for the plain loop, whose batches are already decoded in memory: what the model
         # alone can keep busy.
         "plain_gpu_utilization_pct": median_or_none(plain_gpu_util),
-        "model_dir": plain_data["model_dir"],
+        "model_dir": model_dir[0],
     }
     result["ratio"] = result["dlbatch_samples_per_s"] / result["plain_samples_per_s"]
     return result
