@@ -10,7 +10,10 @@ cores busy, taking it out of the two workers made ``fit()`` to the first batch ~
   torch does for CPU tensors, and the same ``state_dict`` layout, so a checkpoint's optimizer state loads
   into either.
 - :class:`GradientAverager`: rank 0's weights to every rank at the start, as DDP's constructor does; after
-  each backward pass, the mean gradient over the ranks, in one all-reduce of a flat buffer per dtype.
+  each backward pass, the mean gradient over the ranks. Ranks on one x86-64 Linux host (a laptop, one big
+  node) average through a file in ``/dev/shm`` that all of them map; others in one gloo all-reduce of a
+  flat buffer per dtype. On 2 cores gloo's all-reduce over loopback took ~2.6 ms per step, ~10% of a GRU
+  step (docs/PERFORMANCE.md, "Gradient average").
 
 GPU workers keep DDP, which overlaps its all-reduce with the backward pass, and ``torch.optim.Adam``, which
 has fused kernels there. Torch's own arithmetic and this one are checked against each other in
@@ -19,10 +22,16 @@ tests/test_parallel.py.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import platform
+import secrets
+import time
 from collections.abc import Callable, Iterable
 from itertools import chain
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -157,15 +166,26 @@ def _in_flat_buffers(tensors: list[torch.Tensor], collective: Callable[[torch.Te
 class GradientAverager:
     """Makes a model's ranks train as one: on construction every rank takes rank 0's parameters and
     buffers; calling it after ``loss.backward()`` replaces each gradient with its mean over the ranks.
-    Without a process group, or with one rank, it does nothing."""
+    Without a process group, or with one rank, it does nothing.
 
-    def __init__(self, model: nn.Module):
+    The constructor is a collective (every rank calls it). ``via`` says how gradients travel: ``"shared
+    memory"`` when all ranks could map one file in ``/dev/shm`` (``shared_memory=False`` turns that off),
+    else ``"all-reduce"``; ``fallback`` says why shared memory was not used where it was tried. Either way
+    every rank ends a step with the same gradients; with two ranks they are the same bits as gloo's."""
+
+    def __init__(self, model: nn.Module, shared_memory: bool = True, timeout_s: float = 1800.0):
         grouped = dist.is_available() and dist.is_initialized()
         self.world_size = dist.get_world_size() if grouped else 1
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.via, self.fallback = "all-reduce", None
+        self._shared: _SharedMemoryMean | None = None
         if self.world_size > 1:
             states = [t.detach() for t in chain(model.parameters(), model.buffers())]
             _in_flat_buffers(states, lambda flat: dist.broadcast(flat, src=0))
+            if shared_memory:
+                self._shared, self.fallback = _SharedMemoryMean.open(self.params, timeout_s)
+                if self._shared is not None:
+                    self.via = "shared memory"
 
     def __call__(self) -> None:
         if self.world_size == 1:
@@ -173,9 +193,163 @@ class GradientAverager:
         for p in self.params:  # every rank must add the same buffer: a gradient not computed here is zero
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
+        if self._shared is not None:
+            self._shared.mean([p.grad for p in self.params])
+            return
 
         def mean(flat: torch.Tensor) -> None:
             flat.div_(self.world_size)  # before the sum, as DDP does: no overflow from the sum itself
             dist.all_reduce(flat)
 
         _in_flat_buffers([p.grad for p in self.params], mean)
+
+
+class _SharedMemoryMean:
+    """The mean of the ranks' gradients through one file in ``/dev/shm`` that every rank maps.
+
+    Layout: a 64-byte header (a random token that proves a rank mapped rank 0's file, not a namesake on
+    another host), one int64 step counter per rank, then two sets of one gradient slot per rank. At step k a
+    rank writes ``grad / world`` into its slot of set ``k % 2``, then its counter; once every counter reads
+    k, each rank sums the slots in rank order, so all ranks get the same bits. Two sets make the next step's
+    writes safe: a rank can only write set ``k % 2`` again at step k + 2, after every rank reached step
+    k + 1, i.e. finished reading step k.
+
+    The counter is written after the slot by the same thread; x86-64 keeps stores in order for other cores,
+    which is what this relies on, so it is used on x86-64 only (other CPUs may reorder them and there is
+    no portable fence in Python). Rank 0 unlinks the file once all ranks have it mapped: a killed fit
+    leaves nothing in ``/dev/shm``."""
+
+    _DIR = "/dev/shm"
+    _HEADER = 64
+    _TOKEN = 16
+
+    def __init__(
+        self, raw: torch.Tensor, rank: int, world: int, numel: int, pids: list[int], timeout_s: float
+    ):
+        self.rank, self.world, self.pids, self.timeout_s = rank, world, pids, timeout_s
+        counters_end = self._HEADER + _round_up(8 * world, 64)
+        self.counters = raw[self._HEADER : self._HEADER + 8 * world].view(torch.int64).numpy()
+        self.slots = (
+            raw[counters_end : counters_end + 2 * world * numel * 4].view(torch.float32).view(2, world, numel)
+        )
+        self.step = int(self.counters[rank])
+
+    @classmethod
+    def open(
+        cls, params: list[torch.Tensor], timeout_s: float
+    ) -> tuple[_SharedMemoryMean | None, str | None]:
+        """Collective: every rank maps rank 0's file, or all get ``(None, why)``."""
+        rank, world = dist.get_rank(), dist.get_world_size()
+        numel = sum(p.numel() for p in params)
+        nbytes = cls._HEADER + _round_up(8 * world, 64) + 2 * world * numel * 4
+        why = None
+        if platform.system() != "Linux" or platform.machine().lower() not in ("x86_64", "amd64"):
+            why = f"shared memory is used on x86-64 Linux only, not {platform.system()} {platform.machine()}"
+        elif any(p.dtype != torch.float32 for p in params):
+            why = "shared memory averages float32 gradients only"
+        path, token = None, None
+        if rank == 0 and why is None:
+            path, token = (
+                os.path.join(cls._DIR, f"dlbatch-grads-{secrets.token_hex(8)}"),
+                secrets.token_bytes(cls._TOKEN),
+            )
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                try:
+                    # Reserve the pages now: a tmpfs that runs out later would kill the worker with SIGBUS
+                    # on a write into the mapping, where this fails with one clear error.
+                    os.posix_fallocate(fd, 0, nbytes)
+                    os.pwrite(fd, token, 0)
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                why = f"could not reserve {_size(nbytes)} in {cls._DIR}: {e.strerror or e}"
+                _unlink(path)
+                path = None
+        shared = [path, token, why]
+        dist.broadcast_object_list(shared, src=0)
+        path, token, why = shared
+        raw = None
+        if path is not None:
+            try:
+                raw = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
+                if bytes(raw[: cls._TOKEN].numpy()) != token:
+                    raw, why = None, f"rank {rank} found another file at {path} (ranks on several hosts)"
+            except (OSError, RuntimeError):
+                raw, why = None, f"rank {rank} could not map {path} (ranks on several hosts)"
+        mapped = torch.tensor([0 if raw is None else 1], dtype=torch.int32)
+        dist.all_reduce(mapped, op=dist.ReduceOp.MIN)
+        if rank == 0 and path is not None:
+            _unlink(path)  # every rank has mapped it or given up: the mappings outlive the name
+        if not mapped.item():
+            reasons = [None] * world
+            dist.all_gather_object(reasons, why)
+            return None, next((r for r in reasons if r), "a rank could not map the file")
+        pids: list[Any] = [None] * world
+        dist.all_gather_object(pids, os.getpid())
+        return cls(raw, rank, world, numel, pids, timeout_s), None
+
+    def mean(self, grads: list[torch.Tensor]) -> None:
+        """Replace each gradient in place with its mean over the ranks (a collective)."""
+        self.step += 1
+        slots = self.slots[self.step % 2]
+        offset, views = 0, []
+        for g in grads:
+            views.append([slots[r, offset : offset + g.numel()].view(g.shape) for r in range(self.world)])
+            torch.div(g, self.world, out=views[-1][self.rank])  # before the sum, as the all-reduce does
+            offset += g.numel()
+        self.counters[self.rank] = self.step
+        self._wait_for_all()
+        for g, per_rank in zip(grads, views, strict=True):
+            g.copy_(per_rank[0])
+            for v in per_rank[1:]:
+                g.add_(v)
+
+    def _wait_for_all(self) -> None:
+        # Ranks are usually within a few ms of each other: yield the core while spinning for the first ms,
+        # then sleep in short naps so that a rank which waits long does not take a core from the others.
+        started = time.perf_counter()
+        checked = started
+        while self.counters.min() < self.step:
+            now = time.perf_counter()
+            if now - started < 1e-3:
+                os.sched_yield()
+                continue
+            time.sleep(1e-4)
+            if now - checked >= 1.0:
+                checked = now
+                self._fail_if_a_rank_is_gone(now - started)
+
+    def _fail_if_a_rank_is_gone(self, waited_s: float) -> None:
+        for r in np.flatnonzero(self.counters < self.step):
+            if not _alive(self.pids[r]):
+                raise RuntimeError(
+                    f"gradient average: rank {r} (pid {self.pids[r]}) exited before step {self.step}"
+                )
+        if waited_s > self.timeout_s:
+            late = ", ".join(str(r) for r in np.flatnonzero(self.counters < self.step))
+            raise RuntimeError(
+                f"gradient average: waited {waited_s:.0f} s for rank(s) {late} at step {self.step}"
+            )
+
+
+def _round_up(n: int, to: int) -> int:
+    return -(-n // to) * to
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:.0f} KiB"
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process of this host runs (a zombie does not: it has exited, its parent not yet reaped it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False

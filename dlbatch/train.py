@@ -241,6 +241,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(model, parallel_strategy="ddp" if on_gpu else None)
     raw_model = model.module if hasattr(model, "module") else model
     average_gradients = None if on_gpu else GradientAverager(model)
+    if rank == 0 and average_gradients is not None and average_gradients.fallback:
+        log.info(f"[{kind}] gradients are averaged by all-reduce: {average_gradients.fallback}")
 
     def report(metrics: dict[str, Any], meta: dict[str, Any]) -> None:
         """All ranks report (a barrier); rank 0 attaches the checkpoint with ``meta``."""

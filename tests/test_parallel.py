@@ -4,6 +4,13 @@ between the two, and no torch._dynamo import in the workers (the reason it exist
 from __future__ import annotations
 
 import copy
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -156,7 +163,8 @@ def test_cpu_data_parallel_training_matches_ddp(ray_cluster, tmp_path):
                 optimizer.step()
 
         ours = copy.deepcopy(start)
-        steps(ours, Adam(ours.parameters(), lr=1e-2), GradientAverager(ours))
+        average = GradientAverager(ours)  # two workers of one host: through shared memory
+        steps(ours, Adam(ours.parameters(), lr=1e-2), average)
         dynamo_loaded = "torch._dynamo" in sys.modules  # before DDP, which imports it
         ddp = DistributedDataParallel(copy.deepcopy(start))
         steps(ddp, torch.optim.Adam(ddp.parameters(), lr=1e-2))
@@ -167,6 +175,7 @@ def test_cpu_data_parallel_training_matches_ddp(ray_cluster, tmp_path):
         theirs = torch.cat([p.detach().reshape(-1) for p in ddp.module.parameters()])
         return {
             "dynamo_loaded": dynamo_loaded,
+            "via": average.via,
             "ranks_agree": all(torch.equal(g, flat) for g in gathered),
             "moved": not torch.equal(flat, torch.cat([p.reshape(-1) for p in start.parameters()])),
             "max_diff_from_ddp": (flat - theirs).abs().max().item(),
@@ -181,3 +190,72 @@ def test_cpu_data_parallel_training_matches_ddp(ray_cluster, tmp_path):
     facts = result.return_value
     assert facts["ranks_agree"] and facts["moved"] and not facts["dynamo_loaded"], facts
     assert facts["max_diff_from_ddp"] <= 1e-6, facts
+    if platform.machine() == "x86_64" and sys.platform == "linux":
+        assert facts["via"] == "shared memory", facts
+
+
+def _ranks(scenario: str, world: int, env: dict | None = None) -> list[dict]:
+    """Run tests/gradient_ranks.py as ``world`` processes of one gloo group; each rank's JSON facts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    here = Path(__file__).parent
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(here / "gradient_ranks.py"), scenario, str(rank), str(world), str(port)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(here.parent)},
+        )
+        for rank in range(world)
+    ]
+    facts = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        lines = out.strip().splitlines()
+        if lines:
+            facts.append(json.loads(lines[-1]))
+        elif proc.returncode != 0:
+            raise AssertionError(f"a rank failed:\n{err[-3000:]}")
+    return facts
+
+
+def _grad_files() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob("dlbatch-grads-*")} if Path("/dev/shm").is_dir() else set()
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or sys.platform != "linux", reason="x86-64 Linux only")
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_on_one_host_average_gradients_through_shared_memory(world):
+    """Through the shared file every rank gets the same bits; with two ranks they are gloo's bits (a sum of
+    two is the same either way round), with three the same mean to rounding. The file is gone afterwards."""
+    before = _grad_files()
+    facts = _ranks("mean", world)
+    assert [f["via"] for f in facts] == ["shared memory"] * world, facts
+    assert all(f["ranks_agree"] for f in facts), facts
+    if world == 2:
+        assert all(f["same_bits"] for f in facts), facts
+    assert max(f["max_diff"] for f in facts) <= 1e-6, facts
+    assert _grad_files() == before
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or sys.platform != "linux", reason="x86-64 Linux only")
+def test_a_rank_that_exits_fails_the_shared_memory_average_in_one_line():
+    (rank0,) = _ranks("peer-exits", 2)
+    assert rank0["via"] == "shared memory", rank0
+    assert rank0["error"] and "\n" not in rank0["error"], rank0
+    assert rank0["error"].startswith("gradient average: rank 1 (pid "), rank0
+    assert rank0["error"].endswith("exited before step 1"), rank0
+    assert rank0["failed_after_s"] < 10, rank0  # found by the liveness check, not a collective's timeout
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or sys.platform != "linux", reason="x86-64 Linux only")
+def test_without_room_for_the_shared_file_every_rank_averages_by_all_reduce():
+    before = _grad_files()
+    facts = _ranks("no-room", 2)
+    assert [f["via"] for f in facts] == ["all-reduce"] * 2, facts
+    assert facts[0]["fallback"] == facts[1]["fallback"], facts
+    assert facts[0]["fallback"].startswith("could not reserve "), facts
+    assert all(f["ranks_agree"] and f["same_bits"] for f in facts), facts  # both ways were gloo's
+    assert _grad_files() == before
