@@ -94,6 +94,7 @@ class PeakRSS:
 
     def __init__(self, interval: float = 0.1):
         self.peak, self._stop, self.interval = 0, threading.Event(), interval
+        self.processes_at_peak = 0  # each Ray worker that imported torch holds a few hundred MiB
 
     def _sample(self):
         me = psutil.Process()
@@ -103,7 +104,8 @@ class PeakRSS:
             for p in procs:
                 with contextlib.suppress(psutil.Error):
                     total += p.memory_info().rss
-            self.peak = max(self.peak, total)
+            if total > self.peak:
+                self.peak, self.processes_at_peak = total, len(procs)
             time.sleep(self.interval)
 
     def __enter__(self):
@@ -316,13 +318,14 @@ def bench_inference(
                  "force=true", *([f"image.predict.num_actors={actors}"] if actors else []),
                  *(["image.predict.gpus_per_actor=1"] if gpus else [])]  # fmt: skip
     device = "cuda" if gpus else "cpu"
-    ours, plain, plain_fast, peaks, gpu_util = [], [], [], [], []
+    ours, plain, plain_fast, peaks, processes, gpu_util = [], [], [], [], [], []
 
     def run_dlbatch() -> None:
         with PeakRSS() as mem, GpuUtilization() as util:
             [summary] = run_predict(load_config(None, overrides), model=model_dir)
         ours.append(rows / summary["durations_s"]["predict"])
         peaks.append(mem.peak)
+        processes.append(mem.processes_at_peak)
         gpu_util.append(util.mean())
 
     def run_plain() -> None:
@@ -343,6 +346,8 @@ def bench_inference(
         "plain_same_fast_paths_images_per_s": statistics.median(plain_fast),
         "all_runs": {"dlbatch": ours, "plain": plain, "plain_same_fast_paths": plain_fast},
         "peak_rss_bytes": max(peaks),
+        "peak_rss_each": peaks,
+        "processes_at_peak_each": processes,
         # Over the whole scoring run, start-up included.
         "gpu_utilization_pct": median_or_none(gpu_util),
     }
@@ -419,7 +424,9 @@ def main() -> int:
               f"{r['plain_samples_per_s']:,.0f}, GPU busy {r['gpu_utilization_pct']}% "
               f"(plain {r['plain_gpu_utilization_pct']}%)", flush=True)  # fmt: skip
     model_dir = results["training"]["image"]["model_dir"]
-    small = bench_inference(root, model_dir, args.infer_rows // 10, args.actors, 1, gpus)
+    # As many rounds for N as for 10N: the memory ratio compares the highest peak of each, and a peak is
+    # a sample every 0.1 s, so one round of N against three of 10N would favour 10N's side.
+    small = bench_inference(root, model_dir, args.infer_rows // 10, args.actors, args.repeats, gpus)
     large = bench_inference(root, model_dir, args.infer_rows, args.actors, args.repeats, gpus)
     results["inference"] = {
         **large,
@@ -427,7 +434,10 @@ def main() -> int:
         "ratio_same_fast_paths": large["dlbatch_images_per_s"] / large["plain_same_fast_paths_images_per_s"],
     }
     results["memory"] = {"peak_rss_n": small["peak_rss_bytes"], "peak_rss_10n": large["peak_rss_bytes"],
-                         "ratio": large["peak_rss_bytes"] / small["peak_rss_bytes"]}  # fmt: skip
+                         "ratio": large["peak_rss_bytes"] / small["peak_rss_bytes"],
+                         "peak_rss_n_each": small["peak_rss_each"], "peak_rss_10n_each": large["peak_rss_each"],
+                         "processes_at_peak_n_each": small["processes_at_peak_each"],
+                         "processes_at_peak_10n_each": large["processes_at_peak_each"]}  # fmt: skip
     image = results["training"]["image"]
     results["fixed_cost_s"] = {
         "ray_start": ray_start_s,  # the first start in this process, as a job pays it
@@ -472,6 +482,9 @@ def main() -> int:
     mem = results["memory"]
     print(
         f"peak RSS N={args.infer_rows // 10:,}: {mem['peak_rss_n'] / 2**20:,.0f} MiB, 10N: {mem['peak_rss_10n'] / 2**20:,.0f} MiB, ratio {mem['ratio']:.2f}"
+        f" (each round: N {' / '.join(f'{b / 2**20:,.0f}' for b in mem['peak_rss_n_each'])},"
+        f" 10N {' / '.join(f'{b / 2**20:,.0f}' for b in mem['peak_rss_10n_each'])} MiB; processes at the peak:"
+        f" N {mem['processes_at_peak_n_each']}, 10N {mem['processes_at_peak_10n_each']})"
     )
     fixed = results["fixed_cost_s"]
     print(
