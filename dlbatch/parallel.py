@@ -13,7 +13,7 @@ cores busy, taking it out of the two workers made ``fit()`` to the first batch ~
   each backward pass, the mean gradient over the ranks. Ranks on one x86-64 Linux host (a laptop, one big
   node) average through a file in ``/dev/shm`` that all of them map; others in one gloo all-reduce of a
   flat buffer per dtype. On 2 cores gloo's all-reduce over loopback took ~2.6 ms per step, ~10% of a GRU
-  step (docs/PERFORMANCE.md, "Gradient average").
+  step (docs/PERFORMANCE.md, "Gradient average through shared memory").
 
 GPU workers keep DDP, which overlaps its all-reduce with the backward pass, and ``torch.optim.Adam``, which
 has fused kernels there. Torch's own arithmetic and this one are checked against each other in
