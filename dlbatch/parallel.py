@@ -216,8 +216,8 @@ class _SharedMemoryMean:
 
     The counter is written after the slot by the same thread; x86-64 keeps stores in order for other cores,
     which is what this relies on, so it is used on x86-64 only (other CPUs may reorder them and there is
-    no portable fence in Python). Rank 0 unlinks the file once all ranks have it mapped: a killed fit
-    leaves nothing in ``/dev/shm``."""
+    no portable fence in Python). Rank 0 unlinks the file once all ranks have it mapped, a fraction of a
+    second after making it: a fit killed later leaves nothing in ``/dev/shm``."""
 
     _DIR = "/dev/shm"
     _HEADER = 64
@@ -277,17 +277,17 @@ class _SharedMemoryMean:
                     raw, why = None, f"rank {rank} found another file at {path} (ranks on several hosts)"
             except (OSError, RuntimeError):
                 raw, why = None, f"rank {rank} could not map {path} (ranks on several hosts)"
-        mapped = torch.tensor([0 if raw is None else 1], dtype=torch.int32)
-        dist.all_reduce(mapped, op=dist.ReduceOp.MIN)
+        # The pid lets a waiting rank tell a dead peer from a slow one; that needs one pid namespace (two
+        # containers can share /dev/shm and not their pids).
+        facts: list[Any] = [None] * world
+        dist.all_gather_object(facts, (raw is not None, why, os.getpid(), _pid_namespace()))
         if rank == 0 and path is not None:
             _unlink(path)  # every rank has mapped it or given up: the mappings outlive the name
-        if not mapped.item():
-            reasons = [None] * world
-            dist.all_gather_object(reasons, why)
-            return None, next((r for r in reasons if r), "a rank could not map the file")
-        pids: list[Any] = [None] * world
-        dist.all_gather_object(pids, os.getpid())
-        return cls(raw, rank, world, numel, pids, timeout_s), None
+        if not all(mapped for mapped, _, _, _ in facts):
+            return None, next((w for _, w, _, _ in facts if w), "a rank could not map the file")
+        if len({ns for _, _, _, ns in facts}) != 1 or facts[0][3] is None:
+            return None, "the ranks share /dev/shm but not one pid namespace"
+        return cls(raw, rank, world, numel, [pid for _, _, pid, _ in facts], timeout_s), None
 
     def mean(self, grads: list[torch.Tensor]) -> None:
         """Replace each gradient in place with its mean over the ranks (a collective)."""
@@ -341,6 +341,13 @@ def _size(nbytes: int) -> str:
 def _unlink(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
+
+
+def _pid_namespace() -> str | None:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
 
 
 def _alive(pid: int) -> bool:

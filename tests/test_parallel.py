@@ -194,15 +194,24 @@ def test_cpu_data_parallel_training_matches_ddp(ray_cluster, tmp_path):
         assert facts["via"] == "shared memory", facts
 
 
-def _ranks(scenario: str, world: int, env: dict | None = None) -> list[dict]:
-    """Run tests/gradient_ranks.py as ``world`` processes of one gloo group; each rank's JSON facts."""
+def _ranks(scenario: str, world: int, prefix: dict[int, list[str]] | None = None) -> list[dict]:
+    """Run tests/gradient_ranks.py as ``world`` processes of one gloo group; each rank's JSON facts.
+    ``prefix``: a command to start a rank's process under, by rank."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     here = Path(__file__).parent
     procs = [
         subprocess.Popen(
-            [sys.executable, str(here / "gradient_ranks.py"), scenario, str(rank), str(world), str(port)],
+            [
+                *(prefix or {}).get(rank, []),
+                sys.executable,
+                str(here / "gradient_ranks.py"),
+                scenario,
+                str(rank),
+                str(world),
+                str(port),
+            ],  # fmt: skip
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -259,3 +268,26 @@ def test_without_room_for_the_shared_file_every_rank_averages_by_all_reduce():
     assert facts[0]["fallback"].startswith("could not reserve "), facts
     assert all(f["ranks_agree"] and f["same_bits"] for f in facts), facts  # both ways were gloo's
     assert _grad_files() == before
+
+
+def _can_start_in_own_pid_namespace() -> bool:
+    try:
+        probe = subprocess.run(_OWN_PID_NAMESPACE + ["true"], capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return probe.returncode == 0
+
+
+_OWN_PID_NAMESPACE = ["unshare", "--pid", "--fork", "--mount-proc"]
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or sys.platform != "linux", reason="x86-64 Linux only")
+def test_ranks_in_different_pid_namespaces_average_by_all_reduce():
+    """Two containers can share /dev/shm but not their pids; a waiting rank could then not tell a dead peer
+    from a slow one, so the ranks use gloo."""
+    if not _can_start_in_own_pid_namespace():
+        pytest.skip("needs unshare --pid (root)")
+    facts = _ranks("mean", 2, prefix={1: _OWN_PID_NAMESPACE})
+    assert [f["via"] for f in facts] == ["all-reduce"] * 2, facts
+    assert all(f["fallback"] == "the ranks share /dev/shm but not one pid namespace" for f in facts), facts
+    assert all(f["ranks_agree"] and f["same_bits"] for f in facts), facts
