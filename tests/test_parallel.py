@@ -190,7 +190,7 @@ def test_cpu_data_parallel_training_matches_ddp(ray_cluster, tmp_path):
     facts = result.return_value
     assert facts["ranks_agree"] and facts["moved"] and not facts["dynamo_loaded"], facts
     assert facts["max_diff_from_ddp"] <= 1e-6, facts
-    if platform.machine() == "x86_64" and sys.platform == "linux":
+    if platform.machine() == "x86_64" and sys.platform == "linux":  # see x86_64_linux_only
         assert facts["via"] == "shared memory", facts
 
 
@@ -211,7 +211,7 @@ def _ranks(scenario: str, world: int, prefix: dict[int, list[str]] | None = None
                 str(rank),
                 str(world),
                 str(port),
-            ],  # fmt: skip
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -220,21 +220,33 @@ def _ranks(scenario: str, world: int, prefix: dict[int, list[str]] | None = None
         for rank in range(world)
     ]
     facts = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=120)
-        lines = out.strip().splitlines()
-        if lines:
-            facts.append(json.loads(lines[-1]))
-        elif proc.returncode != 0:
-            raise AssertionError(f"a rank failed:\n{err[-3000:]}")
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=120)
+            lines = out.strip().splitlines()
+            if lines:
+                facts.append(json.loads(lines[-1]))
+            elif proc.returncode != 0:
+                raise AssertionError(f"a rank failed:\n{err[-3000:]}")
+    finally:
+        for proc in procs:  # a rank left waiting after another failed must not outlive the test
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     return facts
+
+
+# The shared-memory average is used there only (see dlbatch/parallel.py).
+x86_64_linux_only = pytest.mark.skipif(
+    platform.machine() != "x86_64" or sys.platform != "linux", reason="x86-64 Linux only"
+)
 
 
 def _grad_files() -> set[str]:
     return {p.name for p in Path("/dev/shm").glob("dlbatch-grads-*")} if Path("/dev/shm").is_dir() else set()
 
 
-@pytest.mark.skipif(platform.machine() != "x86_64" or sys.platform != "linux", reason="x86-64 Linux only")
+@x86_64_linux_only
 @pytest.mark.parametrize("world", [2, 3])
 def test_ranks_on_one_host_average_gradients_through_shared_memory(world):
     """Through the shared file every rank gets the same bits; with two ranks they are gloo's bits (a sum of
@@ -249,7 +261,7 @@ def test_ranks_on_one_host_average_gradients_through_shared_memory(world):
     assert _grad_files() == before
 
 
-@pytest.mark.skipif(platform.machine() != "x86_64" or sys.platform != "linux", reason="x86-64 Linux only")
+@x86_64_linux_only
 def test_a_rank_that_exits_fails_the_shared_memory_average_in_one_line():
     (rank0,) = _ranks("peer-exits", 2)
     assert rank0["via"] == "shared memory", rank0
@@ -259,7 +271,7 @@ def test_a_rank_that_exits_fails_the_shared_memory_average_in_one_line():
     assert rank0["failed_after_s"] < 10, rank0  # found by the liveness check, not a collective's timeout
 
 
-@pytest.mark.skipif(platform.machine() != "x86_64" or sys.platform != "linux", reason="x86-64 Linux only")
+@x86_64_linux_only
 def test_without_room_for_the_shared_file_every_rank_averages_by_all_reduce():
     before = _grad_files()
     facts = _ranks("no-room", 2)
@@ -281,7 +293,7 @@ def _can_start_in_own_pid_namespace() -> bool:
 _OWN_PID_NAMESPACE = ["unshare", "--pid", "--fork", "--mount-proc"]
 
 
-@pytest.mark.skipif(platform.machine() != "x86_64" or sys.platform != "linux", reason="x86-64 Linux only")
+@x86_64_linux_only
 def test_ranks_in_different_pid_namespaces_average_by_all_reduce():
     """Two containers can share /dev/shm but not their pids; a waiting rank could then not tell a dead peer
     from a slow one, so the ranks use gloo."""
