@@ -94,7 +94,7 @@ class PeakRSS:
 
     def __init__(self, interval: float = 0.1):
         self.peak, self._stop, self.interval = 0, threading.Event(), interval
-        self.processes_at_peak = 0  # each Ray worker that imported torch holds a few hundred MiB
+        self.processes_at_peak = 0  # more Ray workers at the peak, each with torch: more memory
 
     def _sample(self):
         me = psutil.Process()
