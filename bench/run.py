@@ -190,6 +190,9 @@ def _bench_training_task(
     """``bench_training`` for one task; ``extra``: its config overrides."""
     runs: dict[str, list[float]] = {"dlbatch": [], "plain": [], "plain_same_layout": []}
     excess, stage, first_batch, gpu_util, plain_gpu_util = [], [], [], [], []
+    # On a GPU dlbatch holds each rank's data on the device (train.hold_data=auto); a second fit per round
+    # streams it through Ray Data instead, to show what holding it is worth.
+    streamed: dict[str, list[float]] = {"samples_per_s": [], "gpu_utilization_pct": []}
     # The plain loop's data, loaded once after round 0's fit wrote it (every round's demo data has the same
     # rows and seed; round 0 runs dlbatch first), and the latest fit's model (what inference scores with).
     plain_data: dict = {}
@@ -212,6 +215,14 @@ def _bench_training_task(
             plain_data.update(meta=data.meta, train=load_split(paths["train"], spec),
                               val=load_split(paths["val"], spec))  # fmt: skip
 
+    def run_streamed(settings: list[str]) -> None:
+        # The same data (under the same output root), another run date: its own run directory.
+        cfg = load_config(None, [*settings, "run_date=2026-01-02", f"{task}.train.hold_data=false"])
+        with GpuUtilization() as util:
+            [summary] = run_train(cfg)
+        streamed["samples_per_s"].append(steady(summary["history"]))
+        streamed["gpu_utilization_pct"].append(util.mean(train_windows(summary["history"])))
+
     def run_plain(cfg) -> None:
         tcfg = cfg.task(task).train
         torch.set_num_threads(os.cpu_count() or 1)
@@ -228,13 +239,15 @@ def _bench_training_task(
                 plain_gpu_util.append(util.mean(train_windows(plain_hist)))
 
     for rep in range(repeats):
-        cfg = load_config(None, [f"tasks=[{task}]", f"output_root={root}/train-{task}-{rep}",
-                                 f"demo_rows={train_rows}", f"{task}.train.epochs={epochs}",
-                                 "run_date=2026-01-01", *extra])  # fmt: skip
+        settings = [f"tasks=[{task}]", f"output_root={root}/train-{task}-{rep}", f"demo_rows={train_rows}",
+                    f"{task}.train.epochs={epochs}", *extra]  # fmt: skip
+        cfg = load_config(None, [*settings, "run_date=2026-01-01"])
         # dlbatch first in even rounds, the plain loop first in odd ones: this shared host's speed drifts
         # within a run (up to a third in ten minutes), and a fixed order would hand one side the later slot.
         for side in (run_dlbatch, run_plain) if rep % 2 == 0 else (run_plain, run_dlbatch):
             side(cfg)
+        if gpus:
+            run_streamed(settings)
     result = {
         "repeats": repeats,
         "dlbatch_samples_per_s": statistics.median(runs["dlbatch"]),
@@ -250,6 +263,8 @@ def _bench_training_task(
         # The same for the plain loop, whose batches are already decoded in memory: what the model
         # alone can keep busy.
         "plain_gpu_utilization_pct": median_or_none(plain_gpu_util),
+        "streamed_samples_per_s": statistics.median(streamed["samples_per_s"]) if gpus else None,
+        "streamed_gpu_utilization_pct": median_or_none(streamed["gpu_utilization_pct"]) if gpus else None,
         "model_dir": model_dir[0],
     }
     result["ratio"] = result["dlbatch_samples_per_s"] / result["plain_samples_per_s"]
@@ -423,6 +438,10 @@ def main() -> int:
         print(f"[{task}] training: dlbatch {r['dlbatch_samples_per_s']:,.0f} samples/s, plain "
               f"{r['plain_samples_per_s']:,.0f}, GPU busy {r['gpu_utilization_pct']}% "
               f"(plain {r['plain_gpu_utilization_pct']}%)", flush=True)  # fmt: skip
+        if gpus:
+            print(f"[{task}] training with the data streamed by Ray Data (train.hold_data=false): "
+                  f"{r['streamed_samples_per_s']:,.0f} samples/s, GPU busy {r['streamed_gpu_utilization_pct']}%",
+                  flush=True)  # fmt: skip
     model_dir = results["training"]["image"]["model_dir"]
     # As many rounds for N as for 10N: the memory ratio compares the highest peak of each, and a peak is
     # a sample every 0.1 s, so one round of N against three of 10N would favour 10N's side.

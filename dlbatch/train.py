@@ -77,6 +77,71 @@ def _batches(shard, kind: str, batch_size: int, device: torch.device):
     )
 
 
+# "auto" holds a rank's parts on its GPU when they take at most this share of the GPU's free memory; on
+# CPUs, when the parts of all ranks on the host take at most this share of its available memory.
+HOLD_SHARE_OF_FREE_GPU_MEMORY = 0.25
+HOLD_SHARE_OF_AVAILABLE_HOST_MEMORY = 0.10
+
+
+def host_available_bytes() -> int | None:
+    """The host's available memory (Linux's MemAvailable), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def hold_decision(
+    mode: str | bool, nbytes: int, device: torch.device, ranks_on_host: int = 1
+) -> tuple[bool, str]:
+    """Whether a rank holds its training and validation parts (``nbytes`` together) as tensors on
+    ``device`` for the whole fit, and why, in words for the log. ``mode``: the ``train.hold_data`` setting
+    (True, False or "auto"); ``ranks_on_host``: ranks on this host, each holding its own part."""
+    size = f"{nbytes / 2**20:,.0f} MiB"
+    if isinstance(mode, bool):
+        return mode, f"train.hold_data={str(mode).lower()} ({size})"
+    if mode != "auto":
+        raise ValueError(f"train.hold_data: expected true, false or auto, got {mode!r}")
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        fits = nbytes <= HOLD_SHARE_OF_FREE_GPU_MEMORY * free
+        share = f"{HOLD_SHARE_OF_FREE_GPU_MEMORY:.0%} of the {free / 2**30:,.1f} GiB free on {device}"
+        return fits, f"{size} {'within' if fits else 'over'} {share}"
+    available = host_available_bytes()
+    if available is None:
+        return False, "the host's available memory is unknown"
+    fits = nbytes * ranks_on_host <= HOLD_SHARE_OF_AVAILABLE_HOST_MEMORY * available
+    share = f"{HOLD_SHARE_OF_AVAILABLE_HOST_MEMORY:.0%} of the host's {available / 2**30:,.1f} GiB available"
+    return fits, f"{size} x {ranks_on_host} ranks {'within' if fits else 'over'} {share}"
+
+
+def part_tensors(part, kind: str, device: torch.device) -> dict[str, torch.Tensor]:
+    """A rank's whole part as one tensor per feature on ``device``, converted block by block by Ray Data
+    exactly as the streamed batches are (so a fit trains on the same values either way). The GRU's lengths
+    stay on the host on a GPU, as in ``_batches``."""
+    dtypes = {"x": torch.float32, "y": torch.int64, "tokens": torch.int64, "length": torch.int64}
+    on_gpu = device.type == "cuda"
+    chunks: dict[str, list[torch.Tensor]] = {k: [] for k in FEATURES[kind]}
+    for block in part.iter_torch_batches(
+        batch_size=None, dtypes={k: dtypes[k] for k in FEATURES[kind]}, device="cpu", prefetch_batches=2
+    ):
+        for k, v in block.items():
+            chunks[k].append(v if k == "length" and on_gpu else v.to(device))
+    return {k: torch.cat(v) if v else torch.empty(0, dtype=dtypes[k]) for k, v in chunks.items()}
+
+
+def _held_batches(tensors: dict[str, torch.Tensor], batch_size: int, first_step: int = 0):
+    """Batches sliced from held tensors, in the part's order, from batch ``first_step`` on: the same
+    batches ``_batches`` streams (the last one may be short)."""
+    rows = len(next(iter(tensors.values())))
+    for start in range(first_step * batch_size, rows, batch_size):
+        yield {k: v[start : start + batch_size] for k, v in tensors.items()}
+
+
 def _noting_first(batches, noted: list[float]):
     """Pass batches through; append the wall-clock time of the first one to ``noted``."""
     for batch in batches:
@@ -254,6 +319,23 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     train_shard, val_shard = rank_parts(cfg["shards"], rank)
+    part_bytes = train_shard.size_bytes() + val_shard.size_bytes()
+    hold, why = hold_decision(tcfg["hold_data"], part_bytes, device, ctx.get_local_world_size())
+    if hold:
+        held = {
+            "train": part_tensors(train_shard, kind, device),
+            "val": part_tensors(val_shard, kind, device),
+        }
+    if rank == 0:
+        where = f"held on {device} for the fit" if hold else "streamed by Ray Data every epoch"
+        log.info(f"[{kind}] training data {where}: {why}")
+
+    def epoch_batches(split: str, first_step: int = 0):
+        if hold:
+            return _held_batches(held[split], tcfg["batch_size"], first_step)
+        shard = train_shard if split == "train" else val_shard
+        return islice(_batches(shard, kind, tcfg["batch_size"], device), first_step, None)
+
     first_batch_at: list[float] = []
     last_mid_epoch_checkpoint = {"at": None, "warned": False}
     for epoch in range(start_epoch, tcfg["epochs"]):
@@ -275,16 +357,13 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 _warn_if_too_frequent(last_mid_epoch_checkpoint)
 
         # The shard's order is fixed (materialized once, cut once on the driver), so the steps a mid-epoch
-        # checkpoint already took are the first ``first_step`` batches: read past them, do not train on them.
-        batches = islice(_batches(train_shard, kind, tcfg["batch_size"], device), first_step, None)
+        # checkpoint already took are the first ``first_step`` batches: skip them, do not train on them.
         loss_sum, seen = train_epoch(
-            model, optimizer, _noting_first(batches, first_batch_at), kind, device,
+            model, optimizer, _noting_first(epoch_batches("train", first_step), first_batch_at), kind, device,
             first_step, tcfg["checkpoint_every_steps"], checkpoint_mid_epoch, average_gradients,
         )  # fmt: skip
         train_s = time.perf_counter() - t0
-        val_loss, correct, val_seen = eval_epoch(
-            model, _batches(val_shard, kind, tcfg["batch_size"], device), kind, device
-        )
+        val_loss, correct, val_seen = eval_epoch(model, epoch_batches("val"), kind, device)
         loss_sum, trained_here, val_loss, correct, val_seen, sum_train_s = _all_reduce(
             [loss_sum, seen, val_loss, correct, val_seen, train_s], device
         )
@@ -308,6 +387,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             # of that epoch it had taken (None: the checkpoint ended its epoch).
             "resumed_from_epoch": (start_epoch if start_step else start_epoch - 1) if resume else None,
             "resumed_at_step": start_step or None,
+            "data_held": hold,  # sliced from tensors held on the device (train.hold_data), not streamed
             # Seconds from the driver's fit() to this worker group's first training batch: controller and
             # worker start, process group, model, dataset shards. One host's clock: exact on one machine.
             "first_batch_after_s": first_batch_at[0] - cfg["fit_started_at"] if first_batch_at else None,

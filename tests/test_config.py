@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from dlbatch.config import JobConfig, load_config, parse_overrides
 from dlbatch.errors import ConfigError
@@ -74,3 +75,20 @@ def test_config_is_frozen():
     cfg = JobConfig()
     with pytest.raises(Exception):  # noqa: B017 - pydantic raises its ValidationError for frozen models
         cfg.output_root = "elsewhere"
+
+
+def test_hold_data_takes_yaml_booleans_or_auto_and_auto_holds_what_fits():
+    from dlbatch.train import hold_decision, host_available_bytes
+
+    assert JobConfig().image.train.hold_data == "auto"
+    on = load_config(None, ["image.train.hold_data=on", "text.train.hold_data=false"])
+    assert (on.image.train.hold_data, on.text.train.hold_data) == (True, False)
+    with pytest.raises(ConfigError, match=r"image\.train\.hold_data"):
+        load_config(None, ["image.train.hold_data=sometimes"])
+    cpu = torch.device("cpu")
+    available = host_available_bytes()
+    assert available > 0
+    assert hold_decision("auto", 2**20, cpu, ranks_on_host=2)[0] is True
+    assert hold_decision("auto", available // 4, cpu, ranks_on_host=2)[0] is False  # all ranks' parts count
+    assert hold_decision(True, 3 * 2**20, cpu) == (True, "train.hold_data=true (3 MiB)")
+    assert hold_decision(False, 2**20, cpu)[0] is False

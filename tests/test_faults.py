@@ -75,21 +75,33 @@ def test_rerun_of_finished_training_does_not_retrain(trained_text):
     assert time.time() - started < 60
 
 
+MID_EPOCH = (
+    "text.train.epochs=2", "text.train.batch_size=8", "text.train.checkpoint_every_steps=40",
+    "text.train.max_failures=2",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def clean_mid_epoch_run(ray_cluster, demo_root, tmp_path_factory):
+    """The mid-epoch test's fit without a fault, its data streamed by Ray Data."""
+    out = tmp_path_factory.mktemp("clean")
+    [clean] = run_train(config_for(out, "text", demo_root, *MID_EPOCH, "text.train.hold_data=false"))
+    assert all(h["resumed_from_epoch"] is None for h in clean["history"])
+    return clean
+
+
+@pytest.mark.parametrize("hold", ["false", "true"], ids=["streamed", "held"])
 def test_worker_killed_mid_epoch_resumes_at_the_checkpointed_step_and_trains_the_same_model(
-    ray_cluster, demo_root, tmp_path
+    clean_mid_epoch_run, demo_root, tmp_path, hold
 ):
     """With checkpoint_every_steps, a worker lost mid-epoch costs the steps since the last checkpoint, not
     the epoch: the restarted group reads past the steps already taken and finishes that epoch. The model it
     ends with is the one the same run without the fault trains, bit for bit: each rank takes its batches in
-    one stored order, and the checkpoint restores the weights, the optimizer and the epoch's running sums."""
-    overrides = (
-        "text.train.epochs=2", "text.train.batch_size=8", "text.train.checkpoint_every_steps=40",
-        "text.train.max_failures=2",
-    )  # fmt: skip
-    [clean] = run_train(config_for(tmp_path / "clean", "text", demo_root, *overrides))
-    assert all(h["resumed_from_epoch"] is None for h in clean["history"])
-
-    cfg = config_for(tmp_path / "faulted", "text", demo_root, *overrides)
+    one stored order, and the checkpoint restores the weights, the optimizer and the epoch's running sums.
+    Both ways a worker can take its batches (streamed by Ray Data, or sliced from tensors it holds:
+    ``train.hold_data``) give that model."""
+    clean = clean_mid_epoch_run
+    cfg = config_for(tmp_path / "faulted", "text", demo_root, *MID_EPOCH, f"text.train.hold_data={hold}")
     storage = tmp_path / "faulted" / "ray_results" / f"text-{RUN_DATE}"
     state: dict = {}
     # Kill once an epoch's first mid-epoch checkpoint (step 40 of 94) is the latest registered: a report
@@ -102,6 +114,8 @@ def test_worker_killed_mid_epoch_resumes_at_the_checkpointed_step_and_trains_the
     assert "killed_pid" in state, "the worker was never killed: the test did not test anything"
     history = summary["history"]
     assert [h["epoch"] for h in history] == [0, 1]
+    assert [h["data_held"] for h in history] == [hold == "true"] * 2
+    assert not any(h["data_held"] for h in clean["history"])
     resumed = [h for h in history if h["resumed_at_step"] is not None]
     assert resumed, "the restarted group did not resume from a mid-epoch checkpoint"
     first = resumed[0]
