@@ -49,11 +49,14 @@ from dlbatch.runner import run_predict, run_train
 HERE = Path(__file__).parent
 
 
-def matmul_flops(device: str = "cpu", n: int = 2048, repeats: int = 10) -> float:
-    """Measured fp32 matmul FLOP/s of the device (on GPU: 8192^2, TF32 off as torch defaults it)."""
+def matmul_flops(
+    device: str = "cpu", n: int = 2048, repeats: int = 10, dtype: torch.dtype = torch.float32
+) -> float:
+    """Measured matmul FLOP/s of the device in ``dtype`` (fp32 by default; on GPU: 8192^2, TF32 off as
+    torch defaults it)."""
     if device != "cpu":
         n, repeats = 8192, 20
-    a, b = torch.rand(n, n, device=device), torch.rand(n, n, device=device)
+    a, b = (torch.rand(n, n, device=device, dtype=dtype) for _ in range(2))
     a @ b
     if device != "cpu":
         torch.cuda.synchronize()
@@ -476,6 +479,15 @@ def main() -> int:
         "train_fraction": 3 * flops * image["dlbatch_samples_per_s"] / peak,
         "inference_fraction": flops * large["dlbatch_images_per_s"] / peak,
     }
+    if gpus:
+        # dlbatch trains and scores in bf16 on a GPU (autocast), so its fraction of the fp32 rate can pass
+        # 100%; against the bf16 rate it says how much of the tensor cores the CNN's small convs use.
+        bf16 = matmul_flops("cuda", dtype=torch.bfloat16)
+        results["flops"].update(
+            machine_bf16_matmul_flops=bf16,
+            train_fraction_of_bf16=3 * flops * image["dlbatch_samples_per_s"] / bf16,
+            inference_fraction_of_bf16=flops * large["dlbatch_images_per_s"] / bf16,
+        )
     save(results)
     text = results["training"]["text"]
     rows = [
@@ -523,6 +535,11 @@ def main() -> int:
     print(
         f"CNN FLOP/s fraction of fp32 matmul peak ({peak / 1e9:.0f} GFLOP/s): train {results['flops']['train_fraction']:.1%}, inference {results['flops']['inference_fraction']:.1%}"
     )
+    if gpus:
+        f = results["flops"]
+        print(
+            f"... of bf16 matmul peak ({f['machine_bf16_matmul_flops'] / 1e12:.0f} TFLOP/s, what dlbatch's bf16 autocast runs on): train {f['train_fraction_of_bf16']:.1%}, inference {f['inference_fraction_of_bf16']:.1%}"
+        )
     return 0
 
 
