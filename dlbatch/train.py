@@ -322,10 +322,16 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     part_bytes = train_shard.size_bytes() + val_shard.size_bytes()
     hold, why = hold_decision(tcfg["hold_data"], part_bytes, device, ctx.get_local_world_size())
     if hold:
-        held = {
-            "train": part_tensors(train_shard, kind, device),
-            "val": part_tensors(val_shard, kind, device),
-        }
+        try:
+            held = {
+                split: part_tensors(part, kind, device)
+                for split, part in (("train", train_shard), ("val", val_shard))
+            }
+        except torch.cuda.OutOfMemoryError:
+            raise RuntimeError(
+                f"[{kind}] train.hold_data: this rank's data ({part_bytes / 2**20:,.0f} MiB) does not fit on "
+                f"{device}; set {kind}.train.hold_data=auto or false to stream it"
+            ) from None
     if rank == 0:
         where = f"held on {device} for the fit" if hold else "streamed by Ray Data every epoch"
         log.info(f"[{kind}] training data {where}: {why}")
