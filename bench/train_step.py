@@ -1,0 +1,128 @@
+"""The CNN's training step alone, in the variants a GPU fit could run it: samples/s and GPU busy of each.
+
+No Ray and no data loading: the batches are synthetic and already on the device, as a fit's held data is
+(``train.hold_data``). So what this measures is the step's own cost on the host and the device, the part
+the H200 runs left unexplained (the GPU ~75% busy with the data held). Run on a GPU machine, after
+``bench/gpu-run.sh`` installed its packages (the same PYTHONPATH), or on CPUs to check it runs:
+
+    python bench/train_step.py [--device cuda] [--batch-size 512] [--seconds 4] [--channels 256,512,512]
+
+Each variant changes one thing from what a dlbatch GPU worker runs now (bf16 autocast, channels_last
+weights, ``torch.optim.Adam`` with its default foreach update, the model wrapped in DDP even with one
+worker, cuDNN's default algorithm choice); the last two rows change several. Writes
+``bench/train_step.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from run import GpuUtilization
+
+from dlbatch.models import build_model, fast_layout
+
+NOW = {"bf16": True, "channels_last": True, "fused_adam": False, "ddp": True, "cudnn_benchmark": False}
+VARIANTS = [
+    ("dlbatch's GPU step now", {}),
+    ("without the DDP wrapper", {"ddp": False}),
+    ("fused Adam", {"fused_adam": True}),
+    ("cudnn.benchmark", {"cudnn_benchmark": True}),
+    ("all three", {"ddp": False, "fused_adam": True, "cudnn_benchmark": True}),
+    ("the plain loop's (fp32, NCHW, no DDP)", {"bf16": False, "channels_last": False, "ddp": False}),
+]
+
+
+def timed_steps(opts: dict, device: torch.device, model_args: dict, batch: int, seconds: float) -> dict:
+    torch.backends.cudnn.benchmark = opts["cudnn_benchmark"]
+    torch.manual_seed(0)
+    model = build_model("image", model_args).to(device)
+    if opts["channels_last"]:
+        model = fast_layout(model)
+    if opts["ddp"]:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.index is not None else None
+        )
+    fused = {"fused": True} if opts["fused_adam"] else {}
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, **fused)
+    x = torch.rand(batch, 1, 28, 28, device=device)
+    y = torch.randint(0, model_args["num_classes"], (batch,), device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if opts["bf16"] else contextlib.nullcontext()
+
+    def step():
+        with autocast:
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(10):  # warm-up: cuDNN's benchmark picks its algorithms here, the allocator fills
+        step()
+    sync()
+    steps, start = 0, time.perf_counter()
+    with GpuUtilization() as util:
+        while time.perf_counter() - start < seconds:
+            for _ in range(10):
+                step()
+            steps += 10
+        sync()
+        wall = time.perf_counter() - start
+    return {
+        "samples_per_s": steps * batch / wall,
+        "ms_per_step": 1000 * wall / steps,
+        "gpu_busy_pct": util.mean(),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--seconds", type=float, default=4.0, help="timed per variant")
+    parser.add_argument("--channels", default="256,512,512", help="the CNN's conv_channels")
+    parser.add_argument("--hidden", type=int, default=1024)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    model_args = {
+        "num_classes": 10,
+        "conv_channels": [int(c) for c in args.channels.split(",")],
+        "hidden": args.hidden,
+    }
+    # A one-process group, as a one-worker fit has: DDP needs one.
+    init = Path(tempfile.mkdtemp()) / "pg"
+    dist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo", init_method=f"file://{init}", rank=0, world_size=1
+    )
+    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               "torch": torch.__version__, "batch_size": args.batch_size, "model_args": model_args, "variants": []}  # fmt: skip
+    print(f"{'variant':40} {'samples/s':>10} {'ms/step':>8} {'GPU busy':>9}")
+    for name, change in VARIANTS:
+        opts = {**NOW, **change}
+        r = timed_steps(opts, device, model_args, args.batch_size, args.seconds)
+        results["variants"].append({"name": name, **opts, **r})
+        busy = f"{r['gpu_busy_pct']:.0f}%" if r["gpu_busy_pct"] is not None else "n/a"
+        print(f"{name:40} {r['samples_per_s']:10,.0f} {r['ms_per_step']:8.2f} {busy:>9}", flush=True)
+    dist.destroy_process_group()
+    out = Path(__file__).with_name("train_step.json")
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
