@@ -7,10 +7,10 @@ the H200 runs left unexplained (the GPU ~75% busy with the data held). Run on a 
 
     python bench/train_step.py [--device cuda] [--batch-size 512] [--seconds 4] [--channels 256,512,512]
 
-Each variant changes one thing from what a dlbatch GPU worker runs now (bf16 autocast, channels_last
-weights, ``torch.optim.Adam`` with its default foreach update, the model wrapped in DDP even with one
-worker, cuDNN's default algorithm choice); the last two rows change several. Writes
-``bench/train_step.json``.
+Each variant changes one or two things from what a one-GPU dlbatch worker runs now (bf16 autocast,
+channels_last weights, ``torch.optim.Adam`` with its default foreach update, no DDP wrapper, cuDNN's
+default algorithm choice). The DDP row shows what its gradient hooks cost a step on several GPUs, less the
+all-reduce itself (one process here). Writes ``bench/train_step.json``.
 """
 
 from __future__ import annotations
@@ -30,14 +30,15 @@ from run import GpuUtilization
 
 from dlbatch.models import build_model, fast_layout
 
-NOW = {"bf16": True, "channels_last": True, "fused_adam": False, "ddp": True, "cudnn_benchmark": False}
+# A one-worker fit runs its model bare: Ray's prepare_model wraps it in DDP only when the world is larger.
+NOW = {"bf16": True, "channels_last": True, "fused_adam": False, "ddp": False, "cudnn_benchmark": False}
 VARIANTS = [
-    ("dlbatch's GPU step now", {}),
-    ("without the DDP wrapper", {"ddp": False}),
+    ("dlbatch's one-GPU step now", {}),
     ("fused Adam", {"fused_adam": True}),
     ("cudnn.benchmark", {"cudnn_benchmark": True}),
-    ("all three", {"ddp": False, "fused_adam": True, "cudnn_benchmark": True}),
-    ("the plain loop's (fp32, NCHW, no DDP)", {"bf16": False, "channels_last": False, "ddp": False}),
+    ("fused Adam + cudnn.benchmark", {"fused_adam": True, "cudnn_benchmark": True}),
+    ("in DDP (its hooks, one process)", {"ddp": True}),
+    ("the plain loop's (fp32, NCHW)", {"bf16": False, "channels_last": False}),
 ]
 
 
@@ -103,7 +104,7 @@ def main() -> int:
         "conv_channels": [int(c) for c in args.channels.split(",")],
         "hidden": args.hidden,
     }
-    # A one-process group, as a one-worker fit has: DDP needs one.
+    # A one-process group, as a one-worker fit has (the DDP row needs one).
     init = Path(tempfile.mkdtemp()) / "pg"
     dist.init_process_group(
         "nccl" if device.type == "cuda" else "gloo", init_method=f"file://{init}", rank=0, world_size=1
