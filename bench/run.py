@@ -201,11 +201,16 @@ def _bench_training_task(
     plain_data: dict = {}
     model_dir: list[str] = []
 
-    def run_dlbatch(cfg) -> None:
+    def fit(cfg) -> tuple[dict, float | None]:
+        """One dlbatch fit: its summary and the GPU's utilization over its steady training passes."""
         with GpuUtilization() as util:
             [summary] = run_train(cfg)
+        return summary, util.mean(train_windows(summary["history"]))
+
+    def run_dlbatch(cfg) -> None:
+        summary, busy = fit(cfg)
         hist = summary["history"]
-        gpu_util.append(util.mean(train_windows(hist)))
+        gpu_util.append(busy)
         runs["dlbatch"].append(steady(hist))
         stage.append(summary["durations_s"]["train"])
         first_batch.append(summary["durations_s"]["train_first_batch"])
@@ -220,11 +225,11 @@ def _bench_training_task(
 
     def run_streamed(settings: list[str]) -> None:
         # The same data (under the same output root), another run date: its own run directory.
-        cfg = load_config(None, [*settings, "run_date=2026-01-02", f"{task}.train.hold_data=false"])
-        with GpuUtilization() as util:
-            [summary] = run_train(cfg)
+        summary, busy = fit(
+            load_config(None, [*settings, "run_date=2026-01-02", f"{task}.train.hold_data=false"])
+        )
         streamed["samples_per_s"].append(steady(summary["history"]))
-        streamed["gpu_utilization_pct"].append(util.mean(train_windows(summary["history"])))
+        streamed["gpu_utilization_pct"].append(busy)
 
     def run_plain(cfg) -> None:
         tcfg = cfg.task(task).train

@@ -104,9 +104,7 @@ def hold_decision(
     size = f"{nbytes / 2**20:,.0f} MiB"
     if isinstance(mode, bool):
         return mode, f"train.hold_data={str(mode).lower()} ({size})"
-    if mode != "auto":
-        raise ValueError(f"train.hold_data: expected true, false or auto, got {mode!r}")
-    if device.type == "cuda":
+    if device.type == "cuda":  # "auto" (the config admits nothing else)
         free, _ = torch.cuda.mem_get_info(device)
         fits = nbytes <= HOLD_SHARE_OF_FREE_GPU_MEMORY * free
         share = f"{HOLD_SHARE_OF_FREE_GPU_MEMORY:.0%} of the {free / 2**30:,.1f} GiB free on {device}"
