@@ -1,7 +1,7 @@
 """Throughput benchmark: dlbatch vs. a plain single-process PyTorch loop, same data and machine, one run.
 
     python bench/run.py [--infer-rows 50000] [--train-rows 6000] [--repeats 3] [--batch-size N] [--gpu]
-                        [image.model.conv_channels=[128,256,256] ...]
+                        [--cnn-only] [image.model.conv_channels=[128,256,256] ...]
 
 Prints one table of ratios and writes bench/results.json. Measures:
   training samples/s (steady state: median of the epochs after the first), CNN and GRU;
@@ -10,7 +10,9 @@ Prints one table of ratios and writes bench/results.json. Measures:
   fixed cost (local cluster start, the first of --repeats starts, + fit() to the first training batch,
   median of the CNN rounds; also a fit's whole overhead);
   peak memory of inference at N and 10 N rows (RSS of the whole process tree);
-  CNN FLOP/s as a fraction of this machine's fp32 matmul rate.
+  CNN FLOP/s as a fraction of this machine's fp32 matmul rate;
+  on a GPU (--gpu): how busy nvidia-smi saw it over the steady epochs' training passes, each pass less the
+  first ``nvidia_smi_lag`` seconds (measured at the start: how long its utilization takes to show a load).
 """
 
 from __future__ import annotations
@@ -144,10 +146,50 @@ class GpuUtilization:
             self._proc.terminate()
             self._thread.join(timeout=5)
 
-    def mean(self, windows: list[tuple[float, float]] | None = None) -> float | None:
-        """Mean utilization (%) over samples inside any (start, end) window; all samples without windows."""
-        values = [v for t, v in self.samples if windows is None or any(a <= t <= b for a, b in windows)]
+    def inside(self, windows: list[tuple[float, float]] | None = None, lag: float = 0.0) -> list[float]:
+        """The samples taken inside any (start, end) window, less its first ``lag`` seconds (all samples
+        without windows)."""
+        return [v for t, v in self.samples if windows is None or any(a + lag <= t <= b for a, b in windows)]
+
+    def mean(self, windows: list[tuple[float, float]] | None = None, lag: float = 0.0) -> float | None:
+        """Mean utilization (%) of ``inside``; None without samples."""
+        values = self.inside(windows, lag)
         return statistics.mean(values) if values else None
+
+
+def nvidia_smi_lag(idle_s: float = 1.5, busy_s: float = 3.0) -> float | None:
+    """Seconds from the GPU turning busy until nvidia-smi's utilization.gpu shows it (>= 90% of the
+    plateau); None without a GPU or nvidia-smi, or when no sample rose.
+
+    NVML reports the share of time a kernel ran "over the past sample period", 1/6 s to 1 s depending on
+    the GPU, so a sample taken within that period of a training pass's start still counts the idle time
+    before it (validation, the checkpoint, the next epoch's set-up). With epochs of about a second, as the
+    H200 runs had, that pulls the mean down however busy the pass keeps the GPU. Measured here as a
+    matmul load after an idle pause; the busy figures then leave each window's first ``lag`` seconds out."""
+    if not (torch.cuda.is_available() and shutil.which("nvidia-smi")):
+        return None
+    a, b = (torch.rand(4096, 4096, device="cuda") for _ in range(2))
+    a @ b  # cuBLAS's set-up, before the idle pause
+    torch.cuda.synchronize()
+    with GpuUtilization() as util:
+        time.sleep(idle_s)  # also nvidia-smi's own start
+        start = time.time()
+        while time.time() - start < busy_s:
+            for _ in range(8):  # ~3 ms each on an H100/H200 (fp32); a sync every 8 leaves no visible gap
+                a @ b
+            torch.cuda.synchronize()
+        end = time.time()
+    return rise_time(util.samples, start, end)
+
+
+def rise_time(samples: list[tuple[float, float]], start: float, end: float) -> float | None:
+    """Seconds after ``start`` (a load began) of the first sample at 90% of the level of the load's second
+    half (up to ``end``); None if that level is under 50% (no load seen) or nothing rose."""
+    plateau = [v for t, v in samples if (start + end) / 2 <= t <= end]
+    if not plateau or statistics.median(plateau) < 50:
+        return None
+    level = 0.9 * statistics.median(plateau)
+    return next((t - start for t, v in samples if start <= t <= end and v >= level), None)
 
 
 def train_windows(history: list[dict]) -> list[tuple[float, float]]:
@@ -155,9 +197,26 @@ def train_windows(history: list[dict]) -> list[tuple[float, float]]:
     return [(h["train_started_at"], h["train_started_at"] + h["train_s"]) for h in history[1:]]
 
 
+def busy(util: GpuUtilization, windows: list[tuple[float, float]], lag: float) -> dict:
+    """GPU busy over training passes, two ways: ``pct`` without each pass's first ``lag`` seconds (see
+    ``nvidia_smi_lag``; the figure reported) and ``all_samples_pct`` with them (as runs before session 15
+    reported it). ``samples``: how many ``pct`` kept; a handful means epochs too short for nvidia-smi."""
+    return {"pct": util.mean(windows, lag), "all_samples_pct": util.mean(windows),
+            "samples": len(util.inside(windows, lag))}  # fmt: skip
+
+
+def busy_summary(rounds: list[dict], prefix: str = "") -> dict:
+    """One result's GPU busy fields from its rounds' ``busy`` dicts (None without a GPU)."""
+    return {
+        f"{prefix}gpu_utilization_pct": median_or_none([r["pct"] for r in rounds]),
+        f"{prefix}gpu_utilization_all_samples_pct": median_or_none([r["all_samples_pct"] for r in rounds]),
+        f"{prefix}gpu_utilization_samples_each": [r["samples"] for r in rounds],
+    }
+
+
 def median_or_none(values: list[float | None]) -> float | None:
-    """Median of GPU utilization samples; None when any round had none (no GPU)."""
-    return statistics.median(values) if None not in values else None
+    """Median of the rounds' GPU utilization; None when any round had none (no GPU) or without rounds."""
+    return statistics.median(values) if values and None not in values else None
 
 
 def steady(history: list[dict]) -> float:
@@ -172,45 +231,48 @@ def bench_training(
     gpus: int,
     batch_size: int | None = None,
     overrides: tuple[str, ...] = (),
+    lag: float = 0.0,
+    tasks: tuple[str, ...] = ("image", "text"),
 ) -> dict:
     """Per task, ``repeats`` rounds of dlbatch and the plain loop(s), in alternating order; medians of the
     rounds' steady-state samples/s (each round's own figure is the median of its epochs after the first).
     ``overrides`` (config ``key=value``) apply to both sides: the plain loop builds the model from the
-    same data metadata."""
+    same data metadata. ``lag``: see ``nvidia_smi_lag``."""
     out = {}
-    for task in ("image", "text"):
+    for task in tasks:
         extra = [f"{task}.train.use_gpu=true", f"{task}.train.num_workers={gpus}"] if gpus else []
         if batch_size:
             extra.append(f"{task}.train.batch_size={batch_size}")
         extra += [o for o in overrides if o.startswith(f"{task}.")]
-        out[task] = _bench_training_task(root, task, train_rows, epochs, repeats, gpus, extra)
+        out[task] = _bench_training_task(root, task, train_rows, epochs, repeats, gpus, extra, lag)
     return out
 
 
 def _bench_training_task(
-    root: str, task: str, train_rows: int, epochs: int, repeats: int, gpus: int, extra: list[str]
+    root: str, task: str, train_rows: int, epochs: int, repeats: int, gpus: int, extra: list[str], lag: float
 ) -> dict:
     """``bench_training`` for one task; ``extra``: its config overrides."""
     runs: dict[str, list[float]] = {"dlbatch": [], "plain": [], "plain_same_layout": []}
-    excess, stage, first_batch, gpu_util, plain_gpu_util = [], [], [], [], []
+    excess, stage, first_batch = [], [], []
+    gpu_busy: dict[str, list[dict]] = {"": [], "plain_": [], "streamed_": []}  # ``busy`` per round
     # On a GPU dlbatch holds each rank's data on the device (train.hold_data=auto); a second fit per round
     # streams it through Ray Data instead, to show what holding it is worth.
-    streamed: dict[str, list[float]] = {"samples_per_s": [], "gpu_utilization_pct": []}
+    streamed_samples_per_s: list[float] = []
     # The plain loop's data, loaded once after round 0's fit wrote it (every round's demo data has the same
     # rows and seed; round 0 runs dlbatch first), and the latest fit's model (what inference scores with).
     plain_data: dict = {}
     model_dir: list[str] = []
 
-    def fit(cfg) -> tuple[dict, float | None]:
-        """One dlbatch fit: its summary and the GPU's utilization over its steady training passes."""
+    def fit(cfg, key: str) -> dict:
+        """One dlbatch fit: its summary; the GPU's busy over its steady training passes to ``gpu_busy[key]``."""
         with GpuUtilization() as util:
             [summary] = run_train(cfg)
-        return summary, util.mean(train_windows(summary["history"]))
+        gpu_busy[key].append(busy(util, train_windows(summary["history"]), lag))
+        return summary
 
     def run_dlbatch(cfg) -> None:
-        summary, busy = fit(cfg)
+        summary = fit(cfg, "")
         hist = summary["history"]
-        gpu_util.append(busy)
         runs["dlbatch"].append(steady(hist))
         stage.append(summary["durations_s"]["train"])
         first_batch.append(summary["durations_s"]["train_first_batch"])
@@ -225,11 +287,11 @@ def _bench_training_task(
 
     def run_streamed(settings: list[str]) -> None:
         # The same data (under the same output root), another run date: its own run directory.
-        summary, busy = fit(
-            load_config(None, [*settings, "run_date=2026-01-02", f"{task}.train.hold_data=false"])
+        summary = fit(
+            load_config(None, [*settings, "run_date=2026-01-02", f"{task}.train.hold_data=false"]),
+            "streamed_",
         )
-        streamed["samples_per_s"].append(steady(summary["history"]))
-        streamed["gpu_utilization_pct"].append(busy)
+        streamed_samples_per_s.append(steady(summary["history"]))
 
     def run_plain(cfg) -> None:
         tcfg = cfg.task(task).train
@@ -244,7 +306,7 @@ def _bench_training_task(
                                             channels_last=channels_last, device="cuda" if gpus else "cpu")  # fmt: skip
             runs[name].append(steady(plain_hist))
             if name == "plain":
-                plain_gpu_util.append(util.mean(train_windows(plain_hist)))
+                gpu_busy["plain_"].append(busy(util, train_windows(plain_hist), lag))
 
     for rep in range(repeats):
         settings = [f"tasks=[{task}]", f"output_root={root}/train-{task}-{rep}", f"demo_rows={train_rows}",
@@ -267,12 +329,10 @@ def _bench_training_task(
         "train_stage_s": statistics.median(stage),
         "worker_group_start_and_first_epoch_excess_s": statistics.median(excess),
         "fit_to_first_batch_s": statistics.median(first_batch),
-        "gpu_utilization_pct": median_or_none(gpu_util),
-        # The same for the plain loop, whose batches are already decoded in memory: what the model
-        # alone can keep busy.
-        "plain_gpu_utilization_pct": median_or_none(plain_gpu_util),
-        "streamed_samples_per_s": statistics.median(streamed["samples_per_s"]) if gpus else None,
-        "streamed_gpu_utilization_pct": median_or_none(streamed["gpu_utilization_pct"]) if gpus else None,
+        # GPU busy of dlbatch's fits, of the plain loop (whose batches are already decoded in memory: what
+        # the model alone can keep busy) and of the fits with the data streamed (``busy_summary``).
+        **{k: v for prefix, rounds in gpu_busy.items() for k, v in busy_summary(rounds, prefix).items()},
+        "streamed_samples_per_s": statistics.median(streamed_samples_per_s) if gpus else None,
         "model_dir": model_dir[0],
     }
     result["ratio"] = result["dlbatch_samples_per_s"] / result["plain_samples_per_s"]
@@ -376,6 +436,10 @@ def bench_inference(
     }
 
 
+def pct(value: float | None) -> str:
+    return f"{value:.0f}%" if value is not None else "n/a"
+
+
 def save(results: dict) -> None:
     (HERE / "results.json").write_text(json.dumps(results, indent=1, default=str))
 
@@ -398,6 +462,11 @@ def main() -> int:
         "--gpu",
         action="store_true",
         help="train on every GPU (one worker each), score with one actor per GPU",
+    )
+    parser.add_argument(
+        "--cnn-only",
+        action="store_true",
+        help="train the CNN only, not the GRU (the GPU target's task, in half the device time)",
     )
     parser.add_argument(
         "overrides",
@@ -438,18 +507,28 @@ def main() -> int:
     if gpus:
         results["machine"]["gpus"] = [torch.cuda.get_device_name(i) for i in range(gpus)]
     results["overrides"] = args.overrides
+    lag = nvidia_smi_lag() if gpus else None
+    if gpus:
+        results["machine"]["nvidia_smi_lag_s"] = lag
+        print(f"nvidia-smi's utilization lags the GPU by {lag:.2f} s: GPU busy leaves each training pass's "
+              "first that long out" if lag is not None else
+              "nvidia-smi's lag could not be measured: GPU busy counts every sample", flush=True)  # fmt: skip
+    tasks = ("image",) if args.cnn_only else ("image", "text")
     results["training"] = bench_training(
-        root, args.train_rows, args.epochs, args.repeats, gpus, args.batch_size, tuple(args.overrides)
-    )
+        root, args.train_rows, args.epochs, args.repeats, gpus, args.batch_size, tuple(args.overrides),
+        lag or 0.0, tasks,
+    )  # fmt: skip
     save(results)  # what is measured so far survives a later stage that fails
     for task, r in results["training"].items():
         print(f"[{task}] training: dlbatch {r['dlbatch_samples_per_s']:,.0f} samples/s, plain "
-              f"{r['plain_samples_per_s']:,.0f}, GPU busy {r['gpu_utilization_pct']}% "
-              f"(plain {r['plain_gpu_utilization_pct']}%)", flush=True)  # fmt: skip
+              f"{r['plain_samples_per_s']:,.0f}", flush=True)  # fmt: skip
         if gpus:
             print(f"[{task}] training with the data streamed by Ray Data (train.hold_data=false): "
-                  f"{r['streamed_samples_per_s']:,.0f} samples/s, GPU busy {r['streamed_gpu_utilization_pct']}%",
-                  flush=True)  # fmt: skip
+                  f"{r['streamed_samples_per_s']:,.0f} samples/s", flush=True)  # fmt: skip
+            for who, prefix in (("dlbatch", ""), ("streamed", "streamed_"), ("plain", "plain_")):
+                print(f"[{task}] GPU busy, {who}: {pct(r[prefix + 'gpu_utilization_pct'])} (every sample in "
+                      f"the passes: {pct(r[prefix + 'gpu_utilization_all_samples_pct'])}; samples kept per "
+                      f"round: {r[prefix + 'gpu_utilization_samples_each']})", flush=True)  # fmt: skip
     model_dir = results["training"]["image"]["model_dir"]
     # As many rounds for N as for 10N: the memory ratio compares the highest peak of each, and a peak is
     # a sample every 0.1 s, so one round of N against three of 10N would favour 10N's side.
@@ -494,15 +573,15 @@ def main() -> int:
             inference_fraction_of_bf16=flops * large["dlbatch_images_per_s"] / bf16,
         )
     save(results)
-    text = results["training"]["text"]
+    text = results["training"].get("text")  # None with --cnn-only
     rows = [
         ("CNN training samples/s", image["dlbatch_samples_per_s"], image["plain_samples_per_s"], image["ratio"],
          image["all_runs"], "plain"),
         ("  vs plain in dlbatch's layout", image["dlbatch_samples_per_s"], image["plain_same_layout_samples_per_s"],
          image["dlbatch_samples_per_s"] / image["plain_same_layout_samples_per_s"], image["all_runs"],
          "plain_same_layout"),
-        ("GRU training samples/s", text["dlbatch_samples_per_s"], text["plain_samples_per_s"], text["ratio"],
-         text["all_runs"], "plain"),
+        *([("GRU training samples/s", text["dlbatch_samples_per_s"], text["plain_samples_per_s"], text["ratio"],
+            text["all_runs"], "plain")] if text else []),
         (f"inference images/s ({args.infer_rows:,})", large["dlbatch_images_per_s"], large["plain_images_per_s"],
          results["inference"]["ratio"], large["all_runs"], "plain"),
         ("  vs plain with the same fast paths", large["dlbatch_images_per_s"],
@@ -528,15 +607,14 @@ def main() -> int:
         f" (a fit's whole overhead beyond steady epochs, teardown included: {fixed['fit_overhead_beyond_steady_epochs']:.1f} s)"
     )
     if gpus:
-        print(
-            "GPU utilization: training CNN {} (plain {}), GRU {} (plain {}) (steady epochs' training passes); "
-            "inference {} (whole run)".format(
-                *(f"{v:.0f}%" if v is not None else "n/a" for v in (
-                  image["gpu_utilization_pct"], image["plain_gpu_utilization_pct"],
-                  results["training"]["text"]["gpu_utilization_pct"],
-                  results["training"]["text"]["plain_gpu_utilization_pct"], large["gpu_utilization_pct"]))
-            )
-        )  # fmt: skip
+        gru = (
+            f", GRU {pct(text['gpu_utilization_pct'])} (plain {pct(text['plain_gpu_utilization_pct'])})"
+            if text
+            else ""
+        )
+        print(f"GPU utilization: training CNN {pct(image['gpu_utilization_pct'])} (plain "
+              f"{pct(image['plain_gpu_utilization_pct'])}){gru} (steady epochs' training passes, each less its "
+              f"first {lag or 0:.2f} s); inference {pct(large['gpu_utilization_pct'])} (whole run)")  # fmt: skip
     print(
         f"CNN FLOP/s fraction of fp32 matmul peak ({peak / 1e9:.0f} GFLOP/s): train {results['flops']['train_fraction']:.1%}, inference {results['flops']['inference_fraction']:.1%}"
     )

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from run import GpuUtilization
+from run import GpuUtilization, nvidia_smi_lag
 
 from dlbatch.models import build_model, fast_layout
 
@@ -42,7 +42,9 @@ VARIANTS = [
 ]
 
 
-def timed_steps(opts: dict, device: torch.device, model_args: dict, batch: int, seconds: float) -> dict:
+def timed_steps(
+    opts: dict, device: torch.device, model_args: dict, batch: int, seconds: float, lag: float
+) -> dict:
     torch.backends.cudnn.benchmark = opts["cudnn_benchmark"]
     torch.manual_seed(0)
     model = build_model("image", model_args).to(device)
@@ -73,7 +75,7 @@ def timed_steps(opts: dict, device: torch.device, model_args: dict, batch: int, 
     for _ in range(10):  # warm-up: cuDNN's benchmark picks its algorithms here, the allocator fills
         step()
     sync()
-    steps, start = 0, time.perf_counter()
+    steps, start, started_at = 0, time.perf_counter(), time.time()
     with GpuUtilization() as util:
         while time.perf_counter() - start < seconds:
             for _ in range(10):
@@ -81,10 +83,13 @@ def timed_steps(opts: dict, device: torch.device, model_args: dict, batch: int, 
             steps += 10
         sync()
         wall = time.perf_counter() - start
+    window = [(started_at, started_at + wall)]
     return {
         "samples_per_s": steps * batch / wall,
         "ms_per_step": 1000 * wall / steps,
-        "gpu_busy_pct": util.mean(),
+        # Less nvidia-smi's lag: its first samples still average the variant's set-up before the window.
+        "gpu_busy_pct": util.mean(window, lag),
+        "gpu_busy_all_samples_pct": util.mean(window),
     }
 
 
@@ -109,12 +114,14 @@ def main() -> int:
     dist.init_process_group(
         "nccl" if device.type == "cuda" else "gloo", init_method=f"file://{init}", rank=0, world_size=1
     )
+    lag = nvidia_smi_lag() if device.type == "cuda" else None
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-               "torch": torch.__version__, "batch_size": args.batch_size, "model_args": model_args, "variants": []}  # fmt: skip
+               "torch": torch.__version__, "batch_size": args.batch_size, "model_args": model_args,
+               "nvidia_smi_lag_s": lag, "variants": []}  # fmt: skip
     print(f"{'variant':40} {'samples/s':>10} {'ms/step':>8} {'GPU busy':>9}")
     for name, change in VARIANTS:
         opts = {**NOW, **change}
-        r = timed_steps(opts, device, model_args, args.batch_size, args.seconds)
+        r = timed_steps(opts, device, model_args, args.batch_size, args.seconds, lag or 0.0)
         results["variants"].append({"name": name, **opts, **r})
         busy = f"{r['gpu_busy_pct']:.0f}%" if r["gpu_busy_pct"] is not None else "n/a"
         print(f"{name:40} {r['samples_per_s']:10,.0f} {r['ms_per_step']:8.2f} {busy:>9}", flush=True)
