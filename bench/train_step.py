@@ -9,8 +9,9 @@ the H200 runs left unexplained (the GPU ~75% busy with the data held). Run on a 
 
 Each variant changes one or two things from what a one-GPU dlbatch worker runs now (bf16 autocast,
 channels_last weights, ``torch.optim.Adam`` with its default foreach update, no DDP wrapper, cuDNN's
-default algorithm choice). The DDP row shows what its gradient hooks cost a step on several GPUs, less the
-all-reduce itself (one process here). Writes ``bench/train_step.json``.
+default algorithm choice, no torch.compile). The DDP row shows what its gradient hooks cost a step on
+several GPUs, less the all-reduce itself (one process here). The first step's time is apart (it holds
+torch.compile's compilation). Writes ``bench/train_step.json``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from run import GpuUtilization, nvidia_smi_lag
 from dlbatch.models import build_model, fast_layout
 
 # A one-worker fit runs its model bare: Ray's prepare_model wraps it in DDP only when the world is larger.
-NOW = {"bf16": True, "channels_last": True, "fused_adam": False, "ddp": False, "cudnn_benchmark": False}
+NOW = {"bf16": True, "channels_last": True, "fused_adam": False, "ddp": False, "cudnn_benchmark": False,
+       "compile": False}  # fmt: skip
 VARIANTS = [
     ("dlbatch's one-GPU step now", {}),
     ("fused Adam", {"fused_adam": True}),
@@ -39,6 +41,9 @@ VARIANTS = [
     ("fused Adam + cudnn.benchmark", {"fused_adam": True, "cudnn_benchmark": True}),
     ("in DDP (its hooks, one process)", {"ddp": True}),
     ("the plain loop's (fp32, NCHW)", {"bf16": False, "channels_last": False}),
+    # Fuses elementwise kernels (fewer launches per step). Last: it compiles for tens of seconds, and a run cut
+    # short by its time limit keeps the rows before it.
+    ("torch.compile (default mode)", {"compile": True}),
 ]
 
 
@@ -54,6 +59,8 @@ def timed_steps(
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.index is not None else None
         )
+    if opts["compile"]:
+        model = torch.compile(model)
     fused = {"fused": True} if opts["fused_adam"] else {}
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, **fused)
     x = torch.rand(batch, 1, 28, 28, device=device)
@@ -72,7 +79,11 @@ def timed_steps(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    for _ in range(10):  # warm-up: cuDNN's benchmark picks its algorithms here, the allocator fills
+    t0 = time.perf_counter()
+    step()  # torch.compile compiles here
+    sync()
+    first_step_s = time.perf_counter() - t0
+    for _ in range(9):  # warm-up: cuDNN's benchmark picks its algorithms here, the allocator fills
         step()
     sync()
     steps, start, started_at = 0, time.perf_counter(), time.time()
@@ -90,6 +101,7 @@ def timed_steps(
         # Less nvidia-smi's lag: its first samples still average the variant's set-up before the window.
         "gpu_busy_pct": util.mean(window, lag),
         "gpu_busy_all_samples_pct": util.mean(window),
+        "first_step_s": first_step_s,
     }
 
 
@@ -118,15 +130,24 @@ def main() -> int:
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "torch": torch.__version__, "batch_size": args.batch_size, "model_args": model_args,
                "nvidia_smi_lag_s": lag, "variants": []}  # fmt: skip
-    print(f"{'variant':40} {'samples/s':>10} {'ms/step':>8} {'GPU busy':>9}")
+    out = Path(__file__).with_name("train_step.json")
+    print(f"{'variant':40} {'samples/s':>10} {'ms/step':>8} {'GPU busy':>9} {'1st step s':>10}")
     for name, change in VARIANTS:
         opts = {**NOW, **change}
-        r = timed_steps(opts, device, model_args, args.batch_size, args.seconds, lag or 0.0)
+        try:
+            r = timed_steps(opts, device, model_args, args.batch_size, args.seconds, lag or 0.0)
+        except Exception as exc:  # a variant that cannot run here (torch.compile, no compiler): one row
+            error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            results["variants"].append({"name": name, **opts, "error": error})
+            print(f"{name:40} failed: {error}", flush=True)
+            continue
         results["variants"].append({"name": name, **opts, **r})
+        # After each row: a run cut short by its time limit keeps the rows so far.
+        out.write_text(json.dumps(results, indent=2) + "\n")
         busy = f"{r['gpu_busy_pct']:.0f}%" if r["gpu_busy_pct"] is not None else "n/a"
-        print(f"{name:40} {r['samples_per_s']:10,.0f} {r['ms_per_step']:8.2f} {busy:>9}", flush=True)
+        print(f"{name:40} {r['samples_per_s']:10,.0f} {r['ms_per_step']:8.2f} {busy:>9} {r['first_step_s']:10.2f}",
+              flush=True)  # fmt: skip
     dist.destroy_process_group()
-    out = Path(__file__).with_name("train_step.json")
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
