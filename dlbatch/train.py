@@ -303,6 +303,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             log.info(f"[{kind}] resuming at {at}, from the last registered checkpoint")
     model = ray.train.torch.prepare_model(model, parallel_strategy="ddp" if on_gpu else None)
     raw_model = model.module if hasattr(model, "module") else model
+    # The compiled wrapper runs the steps (it shares the parameters); checkpoints save ``raw_model``.
+    step_model = torch.compile(model) if tcfg["compile"] else model
     average_gradients = None if on_gpu else GradientAverager(model)
     if rank == 0 and average_gradients is not None and average_gradients.fallback:
         log.info(f"[{kind}] gradients are averaged by all-reduce: {average_gradients.fallback}")
@@ -363,11 +365,11 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         # The shard's order is fixed (materialized once, cut once on the driver), so the steps a mid-epoch
         # checkpoint already took are the first ``first_step`` batches: skip them, do not train on them.
         loss_sum, seen = train_epoch(
-            model, optimizer, _noting_first(epoch_batches("train", first_step), first_batch_at), kind, device,
+            step_model, optimizer, _noting_first(epoch_batches("train", first_step), first_batch_at), kind, device,
             first_step, tcfg["checkpoint_every_steps"], checkpoint_mid_epoch, average_gradients,
         )  # fmt: skip
         train_s = time.perf_counter() - t0
-        val_loss, correct, val_seen = eval_epoch(model, epoch_batches("val"), kind, device)
+        val_loss, correct, val_seen = eval_epoch(step_model, epoch_batches("val"), kind, device)
         loss_sum, trained_here, val_loss, correct, val_seen, sum_train_s = _all_reduce(
             [loss_sum, seen, val_loss, correct, val_seen, train_s], device
         )

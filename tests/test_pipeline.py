@@ -10,7 +10,9 @@ import pytest
 from conftest import config_for, fresh_python
 from ray.util.state import list_actors
 
-from dlbatch.runner import run_nightly, run_predict
+from dlbatch.checkpoint import load_model
+from dlbatch.models import build_model
+from dlbatch.runner import run_nightly, run_predict, run_train
 from dlbatch.store import SUCCESS
 
 
@@ -97,6 +99,29 @@ def test_nightly_trains_evaluates_and_predicts(ray_cluster, demo_root, tmp_path,
     before, after = preds.sort_by(key), again.select(preds.column_names).sort_by(key)
     assert before.drop(["probs", "confidence"]).equals(after.drop(["probs", "confidence"]))
     assert np.allclose(before["confidence"].to_numpy(), after["confidence"].to_numpy(), atol=1e-5)
+
+
+def test_a_compiled_fit_trains_as_the_eager_one_and_checkpoints_the_plain_model(
+    ray_cluster, demo_root, tmp_path
+):
+    """``train.compile``: torch.compile's kernels add in another order, so the losses agree closely, not bit
+    for bit; the checkpoint holds the plain model's weights (no wrapper's prefix), which inference loads."""
+    [eager] = run_train(config_for(tmp_path / "eager", "image", demo_root, "image.train.epochs=2"))
+    [compiled] = run_train(
+        config_for(
+            tmp_path / "compiled", "image", demo_root, "image.train.epochs=2", "image.train.compile=true"
+        )
+    )
+
+    losses = {
+        name: [h["train_loss"] for h in s["history"]]
+        for name, s in (("eager", eager), ("compiled", compiled))
+    }
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-2)
+    assert losses["compiled"][1] < losses["compiled"][0]
+    assert abs(compiled["test_accuracy"] - eager["test_accuracy"]) <= 0.02
+    model, meta = load_model(compiled["paths"]["model"])
+    assert model.state_dict().keys() == build_model("image", meta["model_args"]).state_dict().keys()
 
 
 @pytest.mark.parametrize("workers", [1, 2, 3])
