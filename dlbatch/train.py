@@ -201,6 +201,23 @@ def eval_epoch(model: nn.Module, batches, kind: str, device: torch.device) -> tu
     return total_loss, int(correct), seen
 
 
+@contextlib.contextmanager
+def compile_errors(kind: str, compiled: bool = True):
+    """With ``compiled``, a failure of torch.compile (no C++ compiler for CPU kernels, an op it cannot
+    trace) becomes one line naming the setting that asked for it, not a compiler's trace from a worker."""
+    try:
+        yield
+    except Exception as err:
+        # Only a compiled fit looks at torch._dynamo (importing it takes a while).
+        if not (compiled and isinstance(err, torch._dynamo.exc.TorchDynamoException)):
+            raise
+        lines = str(err).strip().splitlines()
+        raise RuntimeError(
+            f"[{kind}] train.compile: torch.compile failed ({lines[0] if lines else type(err).__name__}); "
+            f"set {kind}.train.compile=false to train without it"
+        ) from None
+
+
 def _all_reduce(values: list[float], device: torch.device) -> list[float]:
     if not (dist.is_available() and dist.is_initialized()):
         return values
@@ -364,12 +381,13 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
         # The shard's order is fixed (materialized once, cut once on the driver), so the steps a mid-epoch
         # checkpoint already took are the first ``first_step`` batches: skip them, do not train on them.
-        loss_sum, seen = train_epoch(
-            step_model, optimizer, _noting_first(epoch_batches("train", first_step), first_batch_at), kind, device,
-            first_step, tcfg["checkpoint_every_steps"], checkpoint_mid_epoch, average_gradients,
-        )  # fmt: skip
-        train_s = time.perf_counter() - t0
-        val_loss, correct, val_seen = eval_epoch(step_model, epoch_batches("val"), kind, device)
+        with compile_errors(kind, tcfg["compile"]):  # compiling happens in the first steps of each mode
+            loss_sum, seen = train_epoch(
+                step_model, optimizer, _noting_first(epoch_batches("train", first_step), first_batch_at), kind,
+                device, first_step, tcfg["checkpoint_every_steps"], checkpoint_mid_epoch, average_gradients,
+            )  # fmt: skip
+            train_s = time.perf_counter() - t0
+            val_loss, correct, val_seen = eval_epoch(step_model, epoch_batches("val"), kind, device)
         loss_sum, trained_here, val_loss, correct, val_seen, sum_train_s = _all_reduce(
             [loss_sum, seen, val_loss, correct, val_seen, train_s], device
         )

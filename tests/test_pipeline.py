@@ -1,6 +1,10 @@
 """End to end on a real local Ray cluster: train each model for 2 epochs on demo data, evaluate, predict."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -122,6 +126,25 @@ def test_a_compiled_fit_trains_as_the_eager_one_and_checkpoints_the_plain_model(
     assert abs(compiled["test_accuracy"] - eager["test_accuracy"]) <= 0.02
     model, meta = load_model(compiled["paths"]["model"])
     assert model.state_dict().keys() == build_model("image", meta["model_args"]).state_dict().keys()
+
+
+def test_a_compile_that_fails_on_the_workers_ends_the_job_in_one_line(demo_root, tmp_path):
+    """A worker without a working C++ compiler (torch.compile's CPU kernels need one; ``CXX`` names none, and
+    a fresh inductor cache holds nothing compiled earlier) cannot compile: the job, on its own local Ray,
+    ends with one line that names the setting, after no retries (``max_failures=0``)."""
+    data = [f"image.data.{split}={path}" for split, path in demo_root["image"].items() if split != "score"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(CXX="/nonexistent/c++", TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    done = subprocess.run(
+        [sys.executable, "jobs/train.py", "tasks=[image]", *data, f"output_root={tmp_path / 'out'}",
+         "image.train.compile=true", "image.train.epochs=1", "image.train.num_workers=1", "image.train.max_failures=0"],
+        cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=300, start_new_session=True,
+    )  # fmt: skip
+
+    assert done.returncode == 1, done.stderr[-3000:]
+    [error] = [line for line in done.stderr.splitlines() if line.startswith("dlbatch: error:")]
+    assert "[image] train.compile: torch.compile failed (InvalidCxxCompiler:" in error
+    assert error.endswith("set image.train.compile=false to train without it")
 
 
 @pytest.mark.parametrize("workers", [1, 2, 3])
