@@ -198,16 +198,18 @@ def make_rows(
     """``n`` demo rows in chunks of CHUNK_ROWS, chunk c drawn from the seed ``[seed, c]`` (chunk 0's is
     ``seed`` itself, so a split of at most CHUNK_ROWS rows is ``make_*_table(n, seed)``). The rows do not
     depend on how many processes made them; a split of several chunks is made in up to ``processes`` (default:
-    this process's CPUs) new processes. One process draws ~6,000 images/s on this project's VM and took ~50 s
-    for a 100,000-row demo's 167,000 images on a 16-core GPU machine; 40,000 images took 6.3 s in one
-    process and 4.0 s in two here."""
+    this process's CPUs) new processes. One process drew ~5,500 images/s on this project's 2-core VM, and a
+    100,000-row demo's 167,000 images took ~50 s on a 16-core GPU machine (from its log's timestamps);
+    40,000 images took 6.3 s in one process and 4.0 s in two on the VM."""
     make = make_image_table if task == "image" else make_text_table
     starts = list(range(0, n, CHUNK_ROWS))
     chunks = [
         (min(CHUNK_ROWS, n - s), [seed, c] if c else seed, with_labels, prefix, s)
         for c, s in enumerate(starts)
     ]
-    processes = min(len(chunks), processes or len(os.sched_getaffinity(0)))
+    # The CPUs this process may run on where the OS says (Linux), else the machine's (macOS has no affinity).
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    processes = min(len(chunks), processes or cpus)
     if processes == 1:
         return pa.concat_tables([make(*chunk) for chunk in chunks])
     # spawn: the caller may be a Ray driver with threads running, which a fork would copy mid-flight.
