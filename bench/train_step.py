@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from run import GpuUtilization, nvidia_smi_lag
+from run import GpuUtilization, nvidia_smi_lag, pct
 
 from dlbatch.models import build_model, fast_layout
 
@@ -144,8 +144,8 @@ def main() -> int:
         results["variants"].append({"name": name, **opts, **r})
         # After each row: a run cut short by its time limit keeps the rows so far.
         out.write_text(json.dumps(results, indent=2) + "\n")
-        busy = f"{r['gpu_busy_pct']:.0f}%" if r["gpu_busy_pct"] is not None else "n/a"
-        print(f"{name:40} {r['samples_per_s']:10,.0f} {r['ms_per_step']:8.2f} {busy:>9} {r['first_step_s']:10.2f}",
+        print(f"{name:40} {r['samples_per_s']:10,.0f} {r['ms_per_step']:8.2f} {pct(r['gpu_busy_pct']):>9} "
+              f"{r['first_step_s']:10.2f}",
               flush=True)  # fmt: skip
     dist.destroy_process_group()
     out.write_text(json.dumps(results, indent=2) + "\n")

@@ -30,6 +30,7 @@ from dlbatch.parallel import Adam, GradientAverager
 log = logging.getLogger(__name__)
 
 FEATURES = {"image": ["x", "y"], "text": ["tokens", "length", "y"]}
+DTYPES = {"x": torch.float32, "y": torch.int64, "tokens": torch.int64, "length": torch.int64}
 
 
 def shard_name(split: str, rank: int) -> str:
@@ -59,12 +60,11 @@ def _batches(shard, kind: str, batch_size: int, device: torch.device):
     """Tensor batches on ``device``. On a GPU, batches are collated into pinned host memory and copied
     asynchronously. The GRU's lengths stay on the host, where ``pack_padded_sequence`` wants them: a copy
     back from the GPU would stall every step."""
-    dtypes = {"x": torch.float32, "y": torch.int64, "tokens": torch.int64, "length": torch.int64}
     on_gpu = device.type == "cuda"
     lengths_on_host = on_gpu and "length" in FEATURES[kind]
     batches = shard.iter_torch_batches(
         batch_size=batch_size,
-        dtypes={k: dtypes[k] for k in FEATURES[kind]},
+        dtypes={k: DTYPES[k] for k in FEATURES[kind]},
         device="cpu" if lengths_on_host else device,
         pin_memory=on_gpu,
         prefetch_batches=2,
@@ -121,15 +121,14 @@ def part_tensors(part, kind: str, device: torch.device) -> dict[str, torch.Tenso
     """A rank's whole part as one tensor per feature on ``device``, converted block by block by Ray Data
     exactly as the streamed batches are (so a fit trains on the same values either way). The GRU's lengths
     stay on the host on a GPU, as in ``_batches``."""
-    dtypes = {"x": torch.float32, "y": torch.int64, "tokens": torch.int64, "length": torch.int64}
     on_gpu = device.type == "cuda"
     chunks: dict[str, list[torch.Tensor]] = {k: [] for k in FEATURES[kind]}
     for block in part.iter_torch_batches(
-        batch_size=None, dtypes={k: dtypes[k] for k in FEATURES[kind]}, device="cpu", prefetch_batches=2
+        batch_size=None, dtypes={k: DTYPES[k] for k in FEATURES[kind]}, device="cpu", prefetch_batches=2
     ):
         for k, v in block.items():
             chunks[k].append(v if k == "length" and on_gpu else v.to(device))
-    return {k: torch.cat(v) if v else torch.empty(0, dtype=dtypes[k]) for k, v in chunks.items()}
+    return {k: torch.cat(v) if v else torch.empty(0, dtype=DTYPES[k]) for k, v in chunks.items()}
 
 
 def _held_batches(tensors: dict[str, torch.Tensor], batch_size: int, first_step: int = 0):
