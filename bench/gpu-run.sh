@@ -32,8 +32,8 @@ fi
 
 step train-step
 # First, as it is short: the CNN's training step alone in the variants a GPU fit could run it
-# (bench/train_step.py, ~90 s with nvidia-smi's lag and torch.compile's compilation), so a benchmark cut
-# short does not lose it.
+# (bench/train_step.py: ~5 s for nvidia-smi's lag, six variants of ~4 s each, then torch.compile's
+# compilation; never yet timed on a GPU machine), so a benchmark cut short does not lose it.
 timeout "${STEP_TIMEOUT:-150}" python3 bench/train_step.py
 cp bench/train_step.json "$out/" 2>/dev/null
 
