@@ -13,10 +13,10 @@ import statistics
 import time
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from dlbatch.demo import make_image_table, make_text_table
 from dlbatch.preprocess import preprocess_batch
+from dlbatch.tokenizer import train_tokenizer
 
 TEXT_SPEC = {"kind": "text", "feature_column": "text", "id_column": "id", "label_column": "label",
              "label_type": "string", "num_classes": 4, "max_length": 64}  # fmt: skip
@@ -46,8 +46,8 @@ def rows_per_s(table: pa.Table, spec: dict, batch: int = 1024, repeats: int = 5)
 def main() -> dict:
     text = make_text_table(20_000, seed=1)
     labels = sorted(set(text["label"].to_pylist()))
-    words = pc.value_counts(pc.split_pattern(pc.utf8_lower(text["text"]), " ").combine_chunks().flatten())
-    text_spec = {**TEXT_SPEC, "label_names": labels, "vocab": words.field("values").to_pylist()[:9998]}
+    tokenizer = train_tokenizer(iter([text["text"].to_pylist()]), vocab_size=10_000, min_count=1)
+    text_spec = {**TEXT_SPEC, "label_names": labels, "tokenizer": tokenizer}
     image = make_image_table(5_000, seed=2)
     image_spec = {**IMAGE_SPEC, "label_names": [str(i) for i in range(10)]}
     cases = {

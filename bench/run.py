@@ -254,10 +254,9 @@ def _bench_training_task(
     """``bench_training`` for one task; ``extra``: its config overrides."""
     runs: dict[str, list[float]] = {"dlbatch": [], "plain": [], "plain_same_layout": []}
     excess, stage, first_batch = [], [], []
-    gpu_busy: dict[str, list[dict]] = {"": [], "plain_": [], "streamed_": []}  # ``busy`` per round
-    # On a GPU dlbatch holds each rank's data on the device (train.hold_data=auto); a second fit per round
-    # streams it through Ray Data instead, to show what holding it is worth.
-    streamed_samples_per_s: list[float] = []
+    gpu_busy: dict[str, list[dict]] = {"": [], "plain_": [], "unshuffled_": []}  # ``busy`` per round
+    # A second fit per round keeps the stored order (train.shuffle=none): what the per-epoch shuffle costs.
+    unshuffled_samples_per_s: list[float] = []
     # The plain loop's data, loaded once after round 0's fit wrote it (every round's demo data has the same
     # rows and seed; round 0 runs dlbatch first), and the latest fit's model (what inference scores with).
     plain_data: dict = {}
@@ -285,13 +284,13 @@ def _bench_training_task(
             plain_data.update(meta=data.meta, train=load_split(paths["train"], spec),
                               val=load_split(paths["val"], spec))  # fmt: skip
 
-    def run_streamed(settings: list[str]) -> None:
+    def run_unshuffled(settings: list[str]) -> None:
         # The same data (under the same output root), another run date: its own run directory.
         summary = fit(
-            load_config(None, [*settings, "run_date=2026-01-02", f"{task}.train.hold_data=false"]),
-            "streamed_",
+            load_config(None, [*settings, "run_date=2026-01-02", f"{task}.train.shuffle=none"]),
+            "unshuffled_",
         )
-        streamed_samples_per_s.append(steady(summary["history"]))
+        unshuffled_samples_per_s.append(steady(summary["history"]))
 
     def run_plain(cfg) -> None:
         tcfg = cfg.task(task).train
@@ -316,8 +315,7 @@ def _bench_training_task(
         # within a run (up to a third in ten minutes), and a fixed order would hand one side the later slot.
         for side in (run_dlbatch, run_plain) if rep % 2 == 0 else (run_plain, run_dlbatch):
             side(cfg)
-        if gpus:
-            run_streamed(settings)
+        run_unshuffled(settings)
     result = {
         "repeats": repeats,
         "dlbatch_samples_per_s": statistics.median(runs["dlbatch"]),
@@ -330,12 +328,13 @@ def _bench_training_task(
         "worker_group_start_and_first_epoch_excess_s": statistics.median(excess),
         "fit_to_first_batch_s": statistics.median(first_batch),
         # GPU busy of dlbatch's fits, of the plain loop (whose batches are already decoded in memory: what
-        # the model alone can keep busy) and of the fits with the data streamed (``busy_summary``).
+        # the model alone can keep busy) and of the fits without the shuffle (``busy_summary``).
         **{k: v for prefix, rounds in gpu_busy.items() for k, v in busy_summary(rounds, prefix).items()},
-        "streamed_samples_per_s": statistics.median(streamed_samples_per_s) if gpus else None,
+        "unshuffled_samples_per_s": statistics.median(unshuffled_samples_per_s),
         "model_dir": model_dir[0],
     }
     result["ratio"] = result["dlbatch_samples_per_s"] / result["plain_samples_per_s"]
+    result["shuffled_vs_unshuffled"] = result["dlbatch_samples_per_s"] / result["unshuffled_samples_per_s"]
     return result
 
 
@@ -522,10 +521,11 @@ def main() -> int:
     for task, r in results["training"].items():
         print(f"[{task}] training: dlbatch {r['dlbatch_samples_per_s']:,.0f} samples/s, plain "
               f"{r['plain_samples_per_s']:,.0f}", flush=True)  # fmt: skip
+        print(f"[{task}] training without the per-epoch shuffle (train.shuffle=none): "
+              f"{r['unshuffled_samples_per_s']:,.0f} samples/s; shuffled/unshuffled "
+              f"{r['shuffled_vs_unshuffled']:.2f}", flush=True)  # fmt: skip
         if gpus:
-            print(f"[{task}] training with the data streamed by Ray Data (train.hold_data=false): "
-                  f"{r['streamed_samples_per_s']:,.0f} samples/s", flush=True)  # fmt: skip
-            for who, prefix in (("dlbatch", ""), ("streamed", "streamed_"), ("plain", "plain_")):
+            for who, prefix in (("dlbatch", ""), ("unshuffled", "unshuffled_"), ("plain", "plain_")):
                 print(f"[{task}] GPU busy, {who}: {pct(r[prefix + 'gpu_utilization_pct'])} (every sample in "
                       f"the passes: {pct(r[prefix + 'gpu_utilization_all_samples_pct'])}; samples kept per "
                       f"round: {r[prefix + 'gpu_utilization_samples_each']})", flush=True)  # fmt: skip
@@ -582,6 +582,9 @@ def main() -> int:
          "plain_same_layout"),
         *([("GRU training samples/s", text["dlbatch_samples_per_s"], text["plain_samples_per_s"], text["ratio"],
             text["all_runs"], "plain")] if text else []),
+        *[(f"  {t} shuffled vs train.shuffle=none", r["dlbatch_samples_per_s"], r["unshuffled_samples_per_s"],
+           r["shuffled_vs_unshuffled"], {**r["all_runs"], "unshuffled": [r["unshuffled_samples_per_s"]] * r["repeats"]},
+           "unshuffled") for t, r in results["training"].items()],
         (f"inference images/s ({args.infer_rows:,})", large["dlbatch_images_per_s"], large["plain_images_per_s"],
          results["inference"]["ratio"], large["all_runs"], "plain"),
         ("  vs plain with the same fast paths", large["dlbatch_images_per_s"],

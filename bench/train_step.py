@@ -1,8 +1,7 @@
 """The CNN's training step alone, in the variants a GPU fit could run it: samples/s and GPU busy of each.
 
-No Ray and no data loading: the batches are synthetic and already on the device, as a fit's held data is
-(``train.hold_data``). So what this measures is the step's own cost on the host and the device, the part
-the H200 runs left unexplained (the GPU ~75% busy with the data held). Run on a GPU machine, after
+No Ray and no data loading: the batches are synthetic and already on the device. So what this measures is
+the step's own cost on the host and the device, without the input pipeline in front of it. Run on a GPU machine, after
 ``bench/gpu-run.sh`` installed its packages (the same PYTHONPATH), or on CPUs to check it runs:
 
     python bench/train_step.py [--device cuda] [--batch-size 512] [--seconds 4] [--channels 256,512,512]

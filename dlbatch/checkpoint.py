@@ -2,10 +2,10 @@
 
 A checkpoint directory holds:
 - ``model.pt``: the unwrapped model's ``state_dict`` (tensors only, loaded with ``weights_only=True``);
-- ``optimizer.pt``: the optimizer's ``state_dict`` (same; ``torch.optim.Adam``'s layout, whether GPU
-  training wrote it or CPU training's ``dlbatch.parallel.Adam``);
-- ``meta.json``: epoch, model kind and args, label names, vocabulary, metrics and the task config.
-The vocabulary and label map travel with the weights, so a model is never used with another one.
+- ``optimizer.pt``: the ``torch.optim.Adam`` ``state_dict`` (same);
+- ``meta.json``: epoch, model kind and args, label names, metrics and the task config;
+- ``tokenizer.json`` (text models): the tokenizer in its own JSON format, its SHA-256 in ``meta.json``.
+The tokenizer and label map travel with the weights, so a model is never used with another one.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch import nn
 
 from dlbatch.errors import CheckpointError
 from dlbatch.models import build_model
-from dlbatch.parallel import Adam
+from dlbatch.tokenizer import TOKENIZER_FILE, tokenizer_sha256, vocab_len
 
 MODEL_FILE, OPTIM_FILE, META_FILE = "model.pt", "optimizer.pt", "meta.json"
 
@@ -27,7 +27,7 @@ MODEL_FILE, OPTIM_FILE, META_FILE = "model.pt", "optimizer.pt", "meta.json"
 def save_checkpoint(
     ckpt_dir: str | Path,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer | Adam | None,
+    optimizer: torch.optim.Optimizer | None,
     meta: dict[str, Any],
 ) -> None:
     ckpt_dir = Path(ckpt_dir)
@@ -35,6 +35,11 @@ def save_checkpoint(
     torch.save(model.state_dict(), ckpt_dir / MODEL_FILE)
     if optimizer is not None:
         torch.save(optimizer.state_dict(), ckpt_dir / OPTIM_FILE)
+    meta = dict(meta)
+    tokenizer = meta.pop("tokenizer", None)
+    if tokenizer is not None:
+        (ckpt_dir / TOKENIZER_FILE).write_text(tokenizer)
+        meta["tokenizer_sha256"] = tokenizer_sha256(tokenizer)
     (ckpt_dir / META_FILE).write_text(json.dumps(meta, indent=1, default=str))
 
 
@@ -49,7 +54,34 @@ def load_meta(ckpt_dir: str | Path) -> dict[str, Any]:
     for key in ("kind", "model_args", "label_names"):
         if key not in meta:
             raise CheckpointError(f"{path}: checkpoint metadata lacks {key!r}")
+    if meta["kind"] == "text":
+        meta["tokenizer"] = _load_tokenizer(Path(ckpt_dir), meta)
     return meta
+
+
+def _load_tokenizer(ckpt_dir: Path, meta: dict[str, Any]) -> str:
+    """The text model's own tokenizer (its JSON), checked against the SHA-256 its training recorded."""
+    path = ckpt_dir / TOKENIZER_FILE
+    if "tokenizer_sha256" not in meta:
+        raise CheckpointError(
+            f"{ckpt_dir}: a text model from an older dlbatch (a word vocabulary, no {TOKENIZER_FILE}); "
+            "retrain it with this version (jobs/train.py) to score with it"
+        )
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing from checkpoint (a text model needs its tokenizer)") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: cannot read the tokenizer ({_first_line(err)})") from None
+    if tokenizer_sha256(text) != meta["tokenizer_sha256"]:
+        raise CheckpointError(
+            f"{path}: not the tokenizer this model was trained with (SHA-256 differs from {META_FILE}'s)"
+        )
+    try:
+        vocab_len(text)
+    except Exception as err:  # tokenizers raises a plain Exception for malformed JSON
+        raise CheckpointError(f"{path}: not a valid tokenizer ({_first_line(err)})") from None
+    return text
 
 
 def _first_line(err: Exception) -> str:
@@ -81,7 +113,7 @@ def load_model(ckpt_dir: str | Path, device: str | torch.device = "cpu") -> tupl
 
 
 def load_training_state(
-    ckpt_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | Adam
+    ckpt_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer
 ) -> dict[str, Any]:
     """Restore model and optimizer in place for a resumed run; returns the metadata (``epoch`` included)."""
     meta = load_meta(ckpt_dir)

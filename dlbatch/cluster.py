@@ -8,6 +8,7 @@ import os
 import socket
 
 from dlbatch.config import JobConfig
+from dlbatch.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +48,6 @@ def configure_data_context() -> None:
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
-    # Ray 2.60's default V2 Parquet datasource spent ~4.5 s per read_parquet on a 2-core machine listing and
-    # sampling files (the legacy reader: ~0.2 s), and this job reads a dataset per split.
-    ctx.use_datasource_v2 = False
     # One "Total Progress" line per update instead of a block per operator: progress without a wall.
     ctx.enable_operator_progress_bars = False
 
@@ -91,14 +89,27 @@ def cluster_address(cfg: JobConfig) -> str | None:
     return cfg.cluster.address or os.environ.get("RAY_ADDRESS") or None
 
 
-def runs_own_cluster() -> bool:
-    """Whether this process started the Ray cluster it is connected to (``ray.init`` with no address or
-    ``"local"``): one that lives and dies with this driver. False for a cluster started elsewhere (a
-    submitted job, ``ray.init(address=...)`` from a notebook), where other jobs may run, and wherever Ray
-    cannot say. Read from Ray 2.60's driver-side node: ``head`` is set only where this process started it."""
-    import ray._private.worker
+# Set by ``ensure_ray`` when it starts a private local cluster: its CPUs are all there will be.
+_STARTED_LOCAL_CLUSTER = False
 
-    return getattr(getattr(ray._private.worker, "_global_node", None), "head", False) is True
+
+def check_cpus_left_for_data(task: str, num_workers: int, cpus_per_worker: float) -> None:
+    """Ray Data reads, preprocesses and shuffles while the training workers hold their CPUs; with none
+    left over the fit would wait forever. On a local cluster that is one clear error; a cluster the job
+    joined may still grow (an autoscaler), so there it is a warning."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0)
+    held = num_workers * cpus_per_worker
+    if total - held >= 1:
+        return
+    message = (
+        f"{task}: the training workers hold {held:g} of the cluster's {total:g} CPUs and Ray Data needs at "
+        f"least 1 more to feed them; lower {task}.train.num_workers or {task}.train.cpus_per_worker"
+    )
+    if _STARTED_LOCAL_CLUSTER:
+        raise ConfigError(f"{message}, or raise cluster.local_num_cpus")
+    log.warning("%s (or add CPUs to the cluster)", message)
 
 
 def ensure_ray(cfg: JobConfig) -> None:
@@ -130,6 +141,7 @@ def ensure_ray(cfg: JobConfig) -> None:
     # for any cluster on the host; with another one running here (a `ray start`, a second job), Ray Train's
     # placement-group cleaner asked that one whether this job's controller was alive, was told no, and
     # quit (seen here). Every process ray.init starts inherits this environment; the driver's is restored.
+    global _STARTED_LOCAL_CLUSTER
     port = _free_loopback_port()
     num_cpus = local_num_cpus(cfg)
     with _environment(RAY_GCS_SERVER_PORT=str(port), RAY_ADDRESS=f"127.0.0.1:{port}"):
@@ -137,44 +149,15 @@ def ensure_ray(cfg: JobConfig) -> None:
             address="local",  # always a private instance: never attach to a cluster that merely runs here
             num_cpus=num_cpus,
             # Off unless asked for (cluster.local_dashboard): on 2 cores the dashboard and its module
-            # processes added ~1.4 s to ray.init and ~0.6 s to a fit's start (docs/PERFORMANCE.md), and no
-            # Ray Train actor of a local run needs its state API (see dlbatch.train.trainer_class).
-            # When on, loopback only.
+            # processes added to every local run's start (docs/PERFORMANCE.md). When on, loopback only.
             include_dashboard=dashboard,
             dashboard_host="127.0.0.1",
             configure_logging=True,
             logging_level=logging.WARNING,
         )
+    _STARTED_LOCAL_CLUSTER = True
     if dashboard:
         where = f"dashboard at http://{context.dashboard_url}"
     else:
         where = "no dashboard (cluster.local_dashboard=true starts one)"
     log.info("local Ray: %d logical CPUs, %s", num_cpus, where)
-
-
-@contextlib.contextmanager
-def placement_groups_released():
-    """On a cluster this process started (``runs_own_cluster``): remove, when the block ends, any placement
-    group created in it and still held.
-
-    Ray Train's controller creates the worker group's placement group, and a placement group lives as long
-    as the job that made it: if the controller dies, its group keeps holding the training CPUs for the rest
-    of the run (the next fit, Ray Data) unless something removes it. On a shared cluster Ray Train's
-    PlacementGroupCleaner actor does (``dlbatch.train.trainer_class`` keeps it there). On the driver's own
-    cluster, where nothing else can have made a placement group during the fit (dlbatch fits its tasks one
-    after another), the driver does it here instead of starting that actor for every fit. A fit that ends
-    well has removed its own: nothing is left to do."""
-    if not runs_own_cluster():
-        yield
-        return
-    from ray.util import placement_group_table, remove_placement_group
-    from ray.util.placement_group import PlacementGroup, PlacementGroupID
-
-    before = set(placement_group_table())
-    try:
-        yield
-    finally:
-        for pg_id, info in placement_group_table().items():
-            if pg_id not in before and info.get("state") != "REMOVED":
-                log.warning("removing placement group %s, left %s by a failed fit", pg_id, info.get("state"))
-                remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(pg_id)))

@@ -80,15 +80,19 @@ class TrainConfig(_Frozen):
     # Also checkpoint every N training steps inside an epoch, so a lost worker costs at most N steps rather
     # than the epoch in flight. None: at the end of each epoch only (enough when epochs take seconds).
     checkpoint_every_steps: int | None = Field(default=None, ge=1)
-    # Hold each rank's training and validation parts as tensors on its device for the whole fit and slice
-    # batches from them, instead of streaming them through Ray Data every epoch (~1 ms per batch: on an
-    # H200 the GRU trained 1.15-1.32x faster held). auto: when they fit, on a GPU in a quarter of its free
-    # memory, on CPUs (all ranks of a host together) in a tenth of its available memory; else streamed.
-    hold_data: Literal["auto"] | bool = "auto"
-    # torch.compile the model for the fit: fused kernels, fewer launches per step, for GPU steps that the
-    # host's kernel launches hold back (not yet measured on a GPU). Each worker compiles at the start of
-    # every fit (~15 s for the default CNN on a 2-core VM, whose compiled steps then ran at half the eager
-    # speed). Checkpoints hold the plain model's weights either way.
+    # The training rows' order, drawn anew every epoch from (seed, run, epoch). global: a full random
+    # shuffle of the split (Ray Data's random_shuffle), the only choice that mixes a split stored sorted by
+    # label, in one file or many; files: a new file order plus a local shuffle buffer in each worker
+    # (cheaper, but rows from one sorted file stay together); none: the stored order every epoch.
+    shuffle: Literal["global", "files", "none"] = "global"
+    # Preprocess the training and validation splits once and keep them in Ray's object store for the fit
+    # (true), or stream them from Parquet every epoch (false: a split larger than the object store trains
+    # with bounded memory, and training starts before preprocessing ends). auto: materialize when the
+    # preprocessed splits are estimated to take at most half of the object store.
+    materialize: Literal["auto"] | bool = "auto"
+    # torch.compile the model for the fit: fused kernels and fewer launches per step, for GPU steps held
+    # back by the host's kernel launches. Each worker compiles at the start of every fit, and on CPUs the
+    # compiled steps ran slower (docs/PERFORMANCE.md). Checkpoints hold the plain model's weights.
     compile: bool = False
 
 
@@ -135,7 +139,7 @@ class ClusterConfig(_Frozen):
     local_num_cpus: int | None = None
     # Ray's dashboard for a local cluster, on 127.0.0.1 (a cluster the job joins keeps its own). Off by
     # default: it makes a local run start ~2 s later on 2 cores; turn it on to watch a run.
-    local_dashboard: bool = False
+    local_dashboard: bool = True
 
 
 class JobConfig(_Frozen):

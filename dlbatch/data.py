@@ -15,7 +15,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from dlbatch.errors import DataError
-from dlbatch.preprocess import PATH_COL, ROW_HASH_COL, count_tokens
+from dlbatch.preprocess import PATH_COL, ROW_HASH_COL
 
 _BINARY = (pa.types.is_binary, pa.types.is_large_binary)
 _STRING = (pa.types.is_string, pa.types.is_large_string)
@@ -199,25 +199,29 @@ def inspect_split(
 def read_split(info: SplitInfo, columns: list[str] | None = None, shuffle_seed: int | None = None):
     """Ray Dataset over the split's checked files, with source path and (without an id column) a row hash.
 
-    ``shuffle_seed``: the files in an order drawn from this seed, and rows kept in that order through the
-    dataset's execution. The same seed and files give the same rows in the same order in any process, so a
-    training run resumed by a new driver sees its epochs as the first attempt did."""
+    ``shuffle_seed``: the files in a new order on every execution of the dataset (every epoch of a fit),
+    drawn from this seed and the execution's index."""
     import ray.data
     from ray.data import FileShuffleConfig
 
-    ds = ray.data.read_parquet(
-        info.files,
-        filesystem=info.filesystem,
-        columns=columns,
-        include_paths=True,
-        include_row_hash=not info.has_id,
-        shuffle=None
-        if shuffle_seed is None
-        else FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=False),
-    )
-    if shuffle_seed is not None:
-        ds.context.execution_options.preserve_order = True
-    return ds
+    # Ray Data's V2 Parquet reader spent seconds per read listing and sampling files on a 2-core machine
+    # (the legacy reader a fraction of one), and a streamed split is read again every epoch. The reader is
+    # picked when the dataset is made: only this one gets it, the process's own setting is left as it was.
+    ctx = ray.data.DataContext.get_current()
+    saved, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
+    try:
+        return ray.data.read_parquet(
+            info.files,
+            filesystem=info.filesystem,
+            columns=columns,
+            include_paths=True,
+            include_row_hash=not info.has_id,
+            shuffle=None
+            if shuffle_seed is None
+            else FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True),
+        )
+    finally:
+        ctx.use_datasource_v2 = saved
 
 
 def split_columns(info: SplitInfo, task_cfg: dict[str, Any], kind: str, with_label: bool) -> list[str]:
@@ -295,18 +299,20 @@ def build_label_names(info: SplitInfo, task_cfg: dict[str, Any]) -> list[str]:
     return [str(i) for i in range(num_classes)]
 
 
-def build_vocab(info: SplitInfo, task_cfg: dict[str, Any]) -> list[str]:
-    """Top tokens of the training split, counted with Ray Data; the driver only receives the top list.
+def build_tokenizer(info: SplitInfo, task_cfg: dict[str, Any], seed: int = 0) -> str:
+    """The text task's tokenizer (its JSON), trained on the training split's text as Ray Data streams it
+    through the driver in batches (never the whole corpus at once). A split of more than
+    ``tokenizer.TRAIN_ROWS`` rows is sampled down to about that many rows, drawn from ``seed``."""
+    from dlbatch.tokenizer import TRAIN_ROWS, train_tokenizer
 
-    Ids 0 and 1 are reserved for padding and unknown words, so the list holds ``vocab_size - 2`` tokens.
-    """
     text_cfg = task_cfg["text"]
     column = text_cfg["column"]
-    top = count_values(
-        read_split(info, columns=[column]),
-        count_tokens,
-        {"column": column},
-        limit=text_cfg["vocab_size"] - 2,
-        min_count=text_cfg["min_count"],
-    )
-    return top["value"].to_pylist()
+    ds = read_split(info, columns=[column])
+    if info.num_rows > TRAIN_ROWS:
+        ds = ds.random_sample(TRAIN_ROWS / info.num_rows, seed=seed)
+
+    def texts():
+        for batch in ds.iter_batches(batch_size=4096, batch_format="pyarrow"):
+            yield pc.drop_null(batch.column(column)).to_pylist()
+
+    return train_tokenizer(texts(), text_cfg["vocab_size"], text_cfg["min_count"])

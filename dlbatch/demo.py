@@ -184,12 +184,66 @@ def make_text_table(
         words = [pools[s][int(r * len(pools[s]))] for s, r in zip(source, picks, strict=True)]
         text = " ".join(words)
         docs.append(text[0].upper() + text[1:] + ".")
+    return _text_table(docs, labels, topics, rng, with_labels, prefix, start)
+
+
+def _text_table(
+    docs: list[str], labels: np.ndarray, topics: list[str], rng, with_labels: bool, prefix: str, start: int
+) -> pa.Table:
+    """The demo's text rows: 3% of the labels replaced by random ones (label noise), ids from ``start``."""
+    n = len(docs)
     noisy = rng.random(n) < 0.03
     labels = np.where(noisy, rng.integers(0, len(topics), size=n), labels)
     cols = {"id": pa.array([f"{prefix}-{i:07d}" for i in range(start, start + n)]), "text": pa.array(docs)}
     if with_labels:
         cols["label"] = pa.array([topics[y] for y in labels])
     return pa.table(cols)
+
+
+# Headlines written as Chinese is: words of one to three characters with no spaces between them, so a
+# tokenizer that splits on spaces and punctuation sees each headline (or clause) as one unseen "word".
+ZH_TOPICS: dict[str, str] = {
+    "体育": "比赛 进球 教练 联赛 赛季 前锋 门将 冠军 球迷 主场 客场 决赛 点球 奥运 金牌 田径 马拉松 "
+    "球队 转会 裁判 世界杯 篮球 足球 网球 选手",
+    "财经": "市场 股价 利润 营收 季度 投资者 并购 股票 收益 融资 估值 银行 贷款 利率 通胀 零售 供应 "
+    "需求 销售 预算 债券 汇率 基金 上市 央行",
+    "科技": "研究 实验 物理 化学 分子 粒子 望远镜 星系 行星 芯片 算法 人工智能 量子 卫星 轨道 发现 "
+    "论文 软件 机器人 数据 网络 手机 电池 火箭 基因",
+    "健康": "患者 医生 医院 治疗 疫苗 疾病 症状 诊所 护士 饮食 锻炼 睡眠 疗法 诊断 病毒 感染 血压 "
+    "心脏 癌症 手术 药物 剂量 康复 心理 营养",
+}
+ZH_SHARED: dict[tuple[str, str], str] = {
+    ("体育", "财经"): "赞助 合同 俱乐部 老板 增长 百万",
+    ("财经", "科技"): "技术 创新 专利 公司 投资 分析",
+    ("科技", "健康"): "临床 结果 科学家 证据 细胞 大脑",
+    ("健康", "体育"): "健身 肌肉 受伤 恢复 表现 体能",
+}
+ZH_COMMON = "的 了 在 是 和 与 对 将 新 年 后 今日 发布 宣布 报道 表示 称 本周 首次 最新 全国 国际 我国 "
+ZH_COMMON += "多地 专家 关注 持续 迎来 再次 进一步 重要 继续"
+
+
+def make_chinese_text_table(
+    n: int, seed: int | Sequence[int], with_labels: bool = True, prefix: str = "zh", start: int = 0
+) -> pa.Table:
+    """``n`` Chinese headline rows (four topics, string labels) drawn from ``seed``, no spaces between
+    words; ids number them from ``start``."""
+    rng = np.random.default_rng(seed)
+    topics = list(ZH_TOPICS)
+    own = {t: np.array(ZH_TOPICS[t].split()) for t in topics}
+    shared = {
+        t: np.array([w for pair, ws in ZH_SHARED.items() if t in pair for w in ws.split()]) for t in topics
+    }
+    common = np.array(ZH_COMMON.split())
+    labels = rng.integers(0, len(topics), size=n)
+    docs = []
+    for y in labels:
+        pools = (own[topics[y]], shared[topics[y]], common)
+        length = int(rng.integers(4, 12))
+        source = rng.choice(3, size=length, p=[0.30, 0.20, 0.50])
+        words = [pools[k][int(rng.integers(len(pools[k])))] for k in source]
+        cut = int(rng.integers(2, length)) if length > 5 else length  # a clause break in longer headlines
+        docs.append("".join(words[:cut]) + ("，" + "".join(words[cut:]) if cut < length else ""))
+    return _text_table(docs, labels, topics, rng, with_labels, prefix, start)
 
 
 def make_rows(

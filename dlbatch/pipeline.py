@@ -9,18 +9,19 @@ import logging
 import time
 import uuid
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import pyarrow.fs as pafs
 
-from dlbatch.cluster import placement_groups_released, runs_own_cluster
+from dlbatch.cluster import check_cpus_left_for_data
 from dlbatch.config import JobConfig, Task
 from dlbatch.data import (
     SplitInfo,
     build_label_names,
-    build_vocab,
+    build_tokenizer,
     inspect_split,
     read_split,
     resolve_path,
@@ -47,8 +48,10 @@ from dlbatch.store import (
     remove_if_exists,
     staging_dir,
     tree_fingerprint,
+    write_json,
 )
-from dlbatch.train import FEATURES, shard_name, train_loop_per_worker, trainer_class
+from dlbatch.tokenizer import vocab_len as tokenizer_vocab_len
+from dlbatch.train import FEATURES, train_loop_per_worker
 
 log = logging.getLogger("dlbatch")
 REJECT_COLUMNS = ["source", "reject_reason"]
@@ -59,7 +62,7 @@ class TaskData:
     """The checked splits of one task plus what training learned from them."""
 
     splits: dict[str, SplitInfo]
-    meta: dict[str, Any]  # kind, label map, vocabulary, model args, config: saved with every checkpoint
+    meta: dict[str, Any]  # kind, label map, tokenizer, model args, config: saved with every checkpoint
 
 
 @dataclass
@@ -116,19 +119,40 @@ def inspect_task(cfg: JobConfig, task: Task, splits: tuple[str, ...]) -> dict[st
     return infos
 
 
-def learn_from_train(cfg: JobConfig, task: Task, infos: dict[str, SplitInfo]) -> TaskData:
-    """Label map and (text) vocabulary from the training split, with Ray Data; saved with every checkpoint."""
+# What a run learned from its training split, kept in its run directory (``runs/<date>/<task>/``).
+LEARNED = "learned.json"
+
+
+def learn_from_train(
+    cfg: JobConfig, task: Task, infos: dict[str, SplitInfo], paths: RunPaths | None = None
+) -> TaskData:
+    """Label map and (text) tokenizer from the training split, with Ray Data; saved with every checkpoint.
+
+    With ``paths``, the first attempt of a run date saves what it learned there and a later one (a retry
+    that resumes the fit from its checkpoints) reuses it: the tokenizer's trainer is not deterministic, and
+    a resumed model must keep the token ids it was trained with. ``force`` deletes it with the run."""
     task_cfg = cfg.task(task).model_dump()
     meta: dict[str, Any] = {"kind": task, "config": task_cfg}
-    if "train" in infos:
-        meta["label_type"] = infos["train"].label_type
-        meta["label_names"] = build_label_names(infos["train"], task_cfg)
-        vocab = None
-        if task == "text":
-            vocab = build_vocab(infos["train"], task_cfg)
-            meta["vocab"], meta["max_length"] = vocab, task_cfg["text"]["max_length"]
-        vocab_len = len(vocab) + 2 if vocab is not None else None
-        meta["model_args"] = model_args_for(task, len(meta["label_names"]), task_cfg, vocab_len)
+    if "train" not in infos:
+        return TaskData(splits=infos, meta=meta)
+    saved = read_json(paths.fs, paths.path(LEARNED)) if paths is not None else None
+    if saved is not None:
+        log.info(
+            "%s: label map%s of this run's first attempt reused", task, " and tokenizer" * (task == "text")
+        )
+        meta.update(saved)
+        return TaskData(splits=infos, meta=meta)
+    learned: dict[str, Any] = {"label_type": infos["train"].label_type}
+    learned["label_names"] = build_label_names(infos["train"], task_cfg)
+    vocab_len = None
+    if task == "text":
+        tokenizer = build_tokenizer(infos["train"], task_cfg, cfg.task(task).train.seed)
+        learned["tokenizer"], learned["max_length"] = tokenizer, task_cfg["text"]["max_length"]
+        vocab_len = tokenizer_vocab_len(tokenizer)
+    learned["model_args"] = model_args_for(task, len(learned["label_names"]), task_cfg, vocab_len)
+    if paths is not None:
+        write_json(paths.fs, paths.path(LEARNED), learned)
+    meta.update(learned)
     return TaskData(splits=infos, meta=meta)
 
 
@@ -136,7 +160,9 @@ def check_task_data(cfg: JobConfig, task: Task, splits: tuple[str, ...]) -> Task
     return learn_from_train(cfg, task, inspect_task(cfg, task, splits))
 
 
-def _write_rejects(ds, paths: RunPaths, split: str, id_column: str) -> None:
+def _write_rejects(ds, paths: RunPaths, split: str, id_column: str) -> int:
+    """Publish the split's rejected rows (id, source, reason); returns how many there were."""
+    import pyarrow.dataset as pads
     from ray.data.expressions import col
 
     staged = staging_dir(paths, f"rejects-{split}")
@@ -144,7 +170,9 @@ def _write_rejects(ds, paths: RunPaths, split: str, id_column: str) -> None:
         {"id": id_column}
     ).write_parquet(staged, filesystem=paths.fs)
     paths.fs.create_dir(staged, recursive=True)  # no rejects written: publish an empty directory
+    written = pads.dataset(staged, filesystem=paths.fs, format="parquet").count_rows()
     move_into_place(paths.fs, staged, paths.path("rejects", split))
+    return written
 
 
 def _check_reject_fraction(cfg: JobConfig, task: str, split: str, counts: Counts, rejects_uri: str) -> None:
@@ -156,69 +184,147 @@ def _check_reject_fraction(cfg: JobConfig, task: str, split: str, counts: Counts
         )
 
 
-def prepare_training_split(
-    cfg: JobConfig, task: Task, data: TaskData, split: str, paths: RunPaths, result: TaskResult
-):
-    """Read + preprocess + route rejects. Returns the materialized model-ready dataset.
+# The preprocessed splits are kept in the object store for the fit when they are estimated to take at most
+# this share of it (``train.materialize=auto``); larger ones are streamed from Parquet every epoch.
+MATERIALIZE_SHARE_OF_OBJECT_STORE = 0.5
+# Per preprocessed row besides the features: id, source path and reject reason (an allowance).
+ROW_OVERHEAD_BYTES = 160
 
-    Materialized once: training iterates it every epoch, and decoding again each epoch would be waste.
-    """
+
+def preprocessed_bytes(task: Task, task_cfg: dict[str, Any], rows: int) -> int:
+    """An estimate of ``rows`` preprocessed rows' size in the object store."""
+    if task == "image":
+        img = task_cfg["image"]
+        features = img["channels"] * img["height"] * img["width"] * 4  # float32 pixels
+    else:
+        features = task_cfg["text"]["max_length"] * 8 + 8  # int64 tokens and length
+    return rows * (features + 8 + ROW_OVERHEAD_BYTES)  # + the int64 label
+
+
+def materialize_decision(mode: str | bool, nbytes: int) -> tuple[bool, str]:
+    """Whether to keep the preprocessed splits (``nbytes`` together) in the object store, and why."""
+    size = f"~{nbytes / 2**20:,.0f} MiB preprocessed"
+    if isinstance(mode, bool):
+        return mode, f"train.materialize={str(mode).lower()} ({size})"
+    import ray
+
+    store = ray.cluster_resources().get("object_store_memory", 0)
+    fits = nbytes <= MATERIALIZE_SHARE_OF_OBJECT_STORE * store
+    share = f"{MATERIALIZE_SHARE_OF_OBJECT_STORE:.0%} of the {store / 2**30:,.1f} GiB object store"
+    return fits, f"{size}, {'within' if fits else 'over'} {share}"
+
+
+def run_seed(cfg: JobConfig, task: Task, run_id: str) -> int:
+    """The base seed of a run's shuffles: Ray Data combines it with each execution's (epoch's) index."""
+    return zlib.crc32(f"{cfg.task(task).train.seed}/{run_id}".encode())
+
+
+def shuffled_every_epoch(ds, shuffle: str, seed: int):
+    """``ds`` with a new row order on every execution (Ray Train executes it once per epoch), drawn from
+    ``seed`` and the execution's index. global: a full random shuffle; files: the block order only (the
+    workers' local shuffle buffers mix rows within a window); none: as stored."""
+    from ray.data import RandomSeedConfig
+
+    if shuffle == "global":
+        return ds.random_shuffle(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
+    if shuffle == "files":
+        return ds.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
+    return ds
+
+
+def _model_rows(ds, task: Task):
     from ray.data.expressions import col
 
-    info = data.splits[split]
-    task_cfg = data.meta["config"]
-    spec = preprocess_spec(task, task_cfg, data.meta)
-    # Training rows in a file order fixed per run (seed and run date): a rerun resumes on the same order.
-    seed = zlib.crc32(f"{cfg.task(task).train.seed}/{paths.run_id}".encode()) if split == "train" else None
-    prepared = (
-        read_split(info, columns=split_columns(info, task_cfg, task, with_label=True), shuffle_seed=seed)
-        .map_batches(
-            preprocess_for_training, batch_format="pyarrow", batch_size=1024, fn_kwargs={"spec": spec}
-        )
-        .materialize()
+    return ds.filter(expr=col("reject_reason").is_null()).select_columns(FEATURES[task])
+
+
+def _preprocessed(raw, spec: dict[str, Any]):
+    return raw.map_batches(
+        preprocess_for_training, batch_format="pyarrow", batch_size=1024, fn_kwargs={"spec": spec}
     )
-    ok = prepared.filter(expr=col("reject_reason").is_null()).select_columns(FEATURES[task]).materialize()
-    counts = Counts(read=info.num_rows, used=ok.count())
-    counts.rejected = prepared.count() - counts.used
-    if counts.rejected:
-        _write_rejects(prepared, paths, split, task_cfg["data"]["id_column"])
+
+
+def _account(cfg: JobConfig, task: Task, split: str, counts: Counts, paths: RunPaths, result: TaskResult):
     counts.check(f"{task}/{split}")
     result.rows[split] = counts
     _check_reject_fraction(cfg, task, split, counts, paths.uri("rejects", split))
-    return ok
 
 
-def split_for_ranks(datasets: dict[str, Any], num_workers: int) -> dict[str, Any]:
-    """Each rank's part of the materialized splits, cut once on the driver: ``{shard_name: dataset}``.
+def prepare_training_split(
+    cfg: JobConfig, task: Task, data: TaskData, split: str, paths: RunPaths, result: TaskResult,
+    materialize: bool, pending: list[Future],
+):  # fmt: skip
+    """The split as model-ready rows for the trainer; the training split with a new order every epoch
+    (``train.shuffle``). Rejects are routed and counted either way.
 
-    Training parts are equal (data-parallel ranks must take the same number of steps; up to
-    ``num_workers - 1`` rows are left out, as ``streaming_split(equal=True)`` did); validation keeps every
-    row. The parts go to the workers in ``train_loop_config`` (see ``train_model``), and each rank iterates
-    its own in the stored order, every epoch and every run: a mid-epoch resume skips the batches its
-    checkpoint already took, and a rerun trains the same model.
+    Materialized: read and preprocessed once, kept in the object store; each epoch shuffles the stored rows.
+    Streamed: every epoch reads the Parquet files again, shuffles the raw rows (encoded images and text are
+    far smaller than the decoded tensors) and preprocesses them as training consumes them, so training
+    starts before preprocessing ends and memory stays bounded. Its rejects are routed by a pass of their
+    own that runs alongside the fit (``pending``); its counts are checked before the model is published.
     """
-    out = {}
-    for split, ds in datasets.items():
-        if num_workers == 1:
-            parts = [ds]
-        elif split == "train":
-            parts = ds.split(num_workers, equal=True)
-        else:
-            rows = ds.count()
-            parts = ds.split_at_indices([rows * k // num_workers for k in range(1, num_workers)])
-        for rank, part in enumerate(parts):
-            # Off a terminal, each rank's per-epoch progress bar is an empty line in the job's log.
-            part.context.enable_progress_bars = False
-            part.context.execution_options.preserve_order = True
-            out[shard_name(split, rank)] = part
-    return out
+    info = data.splits[split]
+    task_cfg = data.meta["config"]
+    spec = preprocess_spec(task, task_cfg, data.meta)
+    columns = split_columns(info, task_cfg, task, with_label=True)
+    shuffle = cfg.task(task).train.shuffle if split == "train" else "none"
+    seed = run_seed(cfg, task, paths.run_id)
+    if materialize:
+        raw = read_split(info, columns=columns)
+        # Stored in the files' order (not the order tasks finish in), so one seed gives one order per epoch.
+        raw.context.execution_options.preserve_order = True
+        prepared = _preprocessed(raw, spec).materialize()
+        ok = _model_rows(prepared, task).materialize()
+        counts = Counts(read=info.num_rows, used=ok.count())
+        counts.rejected = prepared.count() - counts.used
+        if counts.rejected:
+            _write_rejects(prepared, paths, split, task_cfg["data"]["id_column"])
+        _account(cfg, task, split, counts, paths, result)
+        return shuffled_every_epoch(ok, shuffle, seed)
+
+    raw = read_split(info, columns=columns, shuffle_seed=seed if shuffle == "files" else None)
+    raw.context.execution_options.preserve_order = True
+    if shuffle == "global":
+        raw = shuffled_every_epoch(raw, "global", seed)
+
+    def route_rejects() -> None:
+        prepared = _preprocessed(read_split(info, columns=columns), spec)
+        rejected = _write_rejects(prepared, paths, split, task_cfg["data"]["id_column"])
+        counts = Counts(read=info.num_rows, used=info.num_rows - rejected, rejected=rejected)
+        _account(cfg, task, split, counts, paths, result)
+
+    pending.append(_BACKGROUND.submit(route_rejects))
+    return _model_rows(_preprocessed(raw, spec), task)
+
+
+# Streamed splits route their rejects in a Ray Data job of their own, run from this thread pool.
+_BACKGROUND = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dlbatch-rejects")
+
+
+def training_datasets(
+    cfg: JobConfig, task: Task, data: TaskData, paths: RunPaths, result: TaskResult, pending: list[Future]
+) -> dict[str, Any]:
+    """The trainer's ``train`` and ``val`` datasets, materialized or streamed (``train.materialize``)."""
+    tcfg = cfg.task(task).train
+    rows = sum(data.splits[s].num_rows for s in ("train", "val"))
+    nbytes = preprocessed_bytes(task, data.meta["config"], rows)
+    materialize, why = materialize_decision(tcfg.materialize, nbytes)
+    log.info("%s: training data %s: %s", task, "materialized" if materialize else "streamed", why)
+    datasets = {
+        s: prepare_training_split(cfg, task, data, s, paths, result, materialize, pending)
+        for s in ("train", "val")
+    }
+    for ds in datasets.values():
+        # Off a terminal, each rank's per-epoch progress bar would be an empty line in the job's log.
+        ds.context.enable_progress_bars = False
+    result.metrics["training_data"] = {"materialized": materialize, "why": why, "shuffle": tcfg.shuffle}
+    return datasets
 
 
 def train_model(cfg: JobConfig, task: Task, data: TaskData, paths: RunPaths, result: TaskResult) -> str:
     """Fit with Ray Train; publish the best checkpoint (by val accuracy) to ``runs/<date>/<task>/model``."""
     import ray.train
-
-    from dlbatch.backend import GlooConfig
+    from ray.train.torch import TorchTrainer
 
     tcfg = cfg.task(task).train
     model_dir = paths.path("model")
@@ -229,26 +335,27 @@ def train_model(cfg: JobConfig, task: Task, data: TaskData, paths: RunPaths, res
         result.history = (read_json(paths.fs, f"{model_dir}/{SUCCESS}") or {}).get("history", [])
         result.paths["model"] = paths.uri("model")
         return paths.uri("model")
+    check_cpus_left_for_data(task, tcfg.num_workers, tcfg.cpus_per_worker)
     t0 = time.perf_counter()
-    datasets = {s: prepare_training_split(cfg, task, data, s, paths, result) for s in ("train", "val")}
+    pending: list[Future] = []
+    datasets = training_datasets(cfg, task, data, paths, result, pending)
     result.durations_s["preprocess"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    trainer = trainer_class(private_cluster=runs_own_cluster())(
+    trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "kind": task,
             "model_args": data.meta["model_args"],
             "train": tcfg.model_dump(),
             "meta": data.meta,
+            "run_id": paths.run_id,
             "fit_started_at": time.time(),
-            # Each rank's part, materialized in the object store (references travel, not rows). Not Ray
-            # Train's ``datasets``: its dataset manager is one more actor process per fit (see
-            # dlbatch.train.trainer_class).
-            "shards": split_for_ranks(datasets, tcfg.num_workers),
         },
-        # On CPU, the gloo setup that keeps torch out of the Train controller (see dlbatch.backend).
-        torch_config=None if tcfg.use_gpu else GlooConfig(),
+        datasets=datasets,
+        # The training rows are dealt to the ranks in equal shards (DDP ranks take the same number of
+        # steps); the validation split is not split: rank 0 validates on all of it.
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         scaling_config=ray.train.ScalingConfig(
             num_workers=tcfg.num_workers,
             use_gpu=tcfg.use_gpu,
@@ -260,14 +367,15 @@ def train_model(cfg: JobConfig, task: Task, data: TaskData, paths: RunPaths, res
             storage_path=paths.storage_path,
             failure_config=ray.train.FailureConfig(max_failures=tcfg.max_failures),
             # Every checkpoint is kept, in the order reported; the best is picked after the fit. A score
-            # attribute would also rank mid-epoch checkpoints, which have no validation score (Ray Train
-            # logs an error for each, and a non-finite stand-in is written as null, which it cannot rank
-            # when a rerun reloads its snapshot).
+            # attribute would also rank mid-epoch checkpoints, which have no validation score.
             checkpoint_config=ray.train.CheckpointConfig(),
         ),
     )
-    with placement_groups_released():
+    try:
         fit = trainer.fit()
+    finally:
+        for routed in pending:  # a streamed split's rejects: its counts checked before anything is published
+            routed.result()
     result.durations_s["train"] = time.perf_counter() - t0
     best = _best_epoch_checkpoint(fit, task)
     staged = staging_dir(paths, "model")

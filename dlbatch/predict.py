@@ -21,7 +21,7 @@ PRED_COLUMNS = ["pred_index", "pred_label", "confidence", "probs"]
 
 def preprocess_spec(kind: str, task_cfg: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
     """Everything ``preprocess_batch`` needs, from the task config (column names) and the model's metadata
-    (image shape, vocabulary, label map: always the ones the model was trained with)."""
+    (image shape, tokenizer, label map: always the ones the model was trained with)."""
     data = task_cfg["data"]
     args = meta["model_args"]
     spec = {
@@ -42,7 +42,9 @@ def preprocess_spec(kind: str, task_cfg: dict[str, Any], meta: dict[str, Any]) -
         )
     else:
         spec.update(
-            feature_column=task_cfg["text"]["column"], vocab=meta["vocab"], max_length=meta["max_length"]
+            feature_column=task_cfg["text"]["column"],
+            tokenizer=meta["tokenizer"],
+            max_length=meta["max_length"],
         )
     return spec
 

@@ -15,6 +15,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image, UnidentifiedImageError
 
+from dlbatch.tokenizer import encode
+
 try:  # libspng: PNG decoding without Pillow's per-image Python overhead (see _decode_png_fast)
     import pyspng
 except ImportError:  # pragma: no cover - platforms without a wheel decode with Pillow
@@ -22,54 +24,8 @@ except ImportError:  # pragma: no cover - platforms without a wheel decode with 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
-PAD, UNK = 0, 1
-TOKEN_SPLIT = r"[^\p{L}\p{N}']+"  # RE2: anything but letters, digits and apostrophes separates tokens
-
 # Columns added by the reader (``include_paths`` / ``include_row_hash``).
 PATH_COL, ROW_HASH_COL = "path", "row_hash"
-
-
-def tokenize(texts: pa.Array) -> pa.ListArray:
-    """Lower-case and split into word tokens; empty strings removed. Nulls stay null."""
-    if isinstance(texts, pa.ChunkedArray):
-        texts = texts.combine_chunks()
-    parts = pc.split_pattern_regex(pc.utf8_lower(texts), TOKEN_SPLIT)
-    flat = parts.flatten()
-    keep = pc.not_equal(flat, "")
-    kept_rows = pc.filter(pc.list_parent_indices(parts), keep).to_numpy(zero_copy_only=False)
-    offsets = np.concatenate([[0], np.cumsum(np.bincount(kept_rows, minlength=len(parts)))]).astype(np.int32)
-    mask = pc.is_null(texts) if texts.null_count else None
-    return pa.ListArray.from_arrays(pa.array(offsets), pc.filter(flat, keep), mask=mask)
-
-
-def count_tokens(batch: pa.Table, column: str) -> pa.Table:
-    """Per-batch token counts (``value``, ``count``): the map step of vocabulary building."""
-    texts = batch.column(column).combine_chunks()
-    if not pa.types.is_string(texts.type) and not pa.types.is_large_string(texts.type):
-        return pa.table({"value": pa.array([], pa.string()), "count": pa.array([], pa.int64())})
-    counts = pc.value_counts(tokenize(texts).flatten())
-    return pa.table(
-        {"value": counts.field("values").cast(pa.string()), "count": counts.field("counts").cast(pa.int64())}
-    )
-
-
-def _encode_tokens(
-    texts: pa.Array, vocab: pa.Array, max_length: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(tokens (B, T) int64, lengths (B,), empty (B,) bool). Ids: 0 pad, 1 unknown, 2.. vocabulary."""
-    lists = tokenize(texts)
-    n = len(lists)
-    lengths_full = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False)
-    flat = lists.flatten()
-    ids = pc.fill_null(pc.add(pc.index_in(flat, value_set=vocab), 2), UNK).to_numpy(zero_copy_only=False)
-    rows = pc.list_parent_indices(lists).to_numpy(zero_copy_only=False)
-    starts = np.concatenate([[0], np.cumsum(lengths_full)[:-1]])
-    pos = np.arange(len(flat)) - starts[rows] if len(flat) else np.zeros(0, np.int64)
-    keep = pos < max_length
-    tokens = np.zeros((n, max_length), dtype=np.int64)
-    tokens[rows[keep], pos[keep]] = ids[keep]
-    lengths = np.minimum(lengths_full, max_length).astype(np.int64)
-    return tokens, lengths, lengths_full == 0
 
 
 def _image_bytes_column(col: pa.Array) -> pa.Array:
@@ -191,10 +147,10 @@ def preprocess_batch(batch: pa.Table, spec: dict[str, Any], with_labels: bool = 
         out["x"] = pixels.astype(np.float32) * np.float32(1 / 255)
     else:
         texts = batch.column(spec["feature_column"]).combine_chunks()
-        tokens, lengths, empty = _encode_tokens(
-            texts, pa.array(spec["vocab"], pa.string()), spec["max_length"]
-        )
-        valid = np.asarray(texts.is_valid())
+        tokens, lengths = encode(texts, spec["tokenizer"], spec["max_length"])
+        # Empty: no letter or digit in any script (whitespace, punctuation, emoji or control characters only).
+        has_content = pc.fill_null(pc.match_substring_regex(texts, r"[\p{L}\p{N}]"), False)
+        valid, empty = np.asarray(texts.is_valid()), ~np.asarray(has_content) | (lengths == 0)
         for i in np.flatnonzero(~valid | empty):
             reasons[i] = reasons[i] or ("null text" if not valid[i] else "empty text")
         out["tokens"], out["length"] = tokens, np.maximum(lengths, 1)

@@ -157,7 +157,7 @@ def train_and_evaluate(cfg: JobConfig, task: Task, infos: dict) -> dict[str, Any
         log.info("%s: run %s already finished; not redone (force=true to redo)", task, paths.run_id)
         return {**read_json(paths.fs, paths.path("summary.json")), "skipped": True}
     result = TaskResult(task=task, run_id=paths.run_id)
-    data = learn_from_train(cfg, task, infos)
+    data = learn_from_train(cfg, task, infos, paths)
     model_uri = train_model(cfg, task, data, paths, result)
     result.metrics["deleted_checkpoint_runs"] = _prune_checkpoints(cfg, paths)
     evaluate_model(cfg, task, data, model_uri, paths, result)

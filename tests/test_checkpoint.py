@@ -79,3 +79,52 @@ def test_missing_or_corrupt_metadata(tmp_path):
     (tmp_path / "meta.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="corrupt checkpoint metadata"):
         load_model(tmp_path)
+
+
+@pytest.fixture
+def text_ckpt(tmp_path):
+    from dlbatch.models import GRUArgs, TextGRU
+    from dlbatch.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer(iter([["the cat sat", "北京下雨"] * 10]), vocab_size=100, min_count=1)
+    args = {"num_classes": 2, "vocab_size": 100}
+    meta = {"kind": "text", "model_args": args, "label_names": ["a", "b"], "epoch": 0, "tokenizer": tokenizer}
+    save_checkpoint(tmp_path, TextGRU(GRUArgs(**args)), None, meta)
+    return tmp_path, tokenizer
+
+
+def test_a_text_model_keeps_its_tokenizer_in_its_own_json_file(text_ckpt):
+    path, tokenizer = text_ckpt
+    assert (path / "tokenizer.json").read_text() == tokenizer
+    assert "tokenizer" not in (path / "meta.json").read_text().split('"tokenizer_sha256"')[0]
+    _, meta = load_model(path)
+    assert meta["tokenizer"] == tokenizer
+
+
+def test_a_tampered_tokenizer_is_refused(text_ckpt):
+    path, tokenizer = text_ckpt
+    (path / "tokenizer.json").write_text(tokenizer.replace('"cat"', '"dog"'))  # still valid JSON
+    with pytest.raises(
+        CheckpointError, match=r"tokenizer\.json: not the tokenizer this model was trained with"
+    ):
+        load_model(path)
+
+
+def test_a_text_model_without_its_tokenizer_is_refused(text_ckpt):
+    path, _ = text_ckpt
+    (path / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match=r"tokenizer\.json: missing from checkpoint"):
+        load_model(path)
+
+
+def test_a_text_model_of_the_word_vocabulary_format_says_to_retrain(text_ckpt):
+    import json
+
+    path, _ = text_ckpt
+    meta = json.loads((path / "meta.json").read_text())
+    del meta["tokenizer_sha256"]
+    (path / "meta.json").write_text(json.dumps({**meta, "vocab": ["the", "cat"]}))
+    with pytest.raises(
+        CheckpointError, match=r"older dlbatch \(a word vocabulary, no tokenizer\.json\); retrain"
+    ):
+        load_model(path)

@@ -1,7 +1,7 @@
 from pathlib import Path
 
 import pytest
-import torch
+from pydantic import ValidationError
 
 from dlbatch.config import JobConfig, load_config, parse_overrides
 from dlbatch.errors import ConfigError
@@ -73,24 +73,30 @@ def test_yaml_is_never_executed(tmp_path):
 
 def test_config_is_frozen():
     cfg = JobConfig()
-    with pytest.raises(Exception):  # noqa: B017 - pydantic raises its ValidationError for frozen models
+    with pytest.raises(ValidationError, match="frozen"):
         cfg.output_root = "elsewhere"
 
 
-def test_hold_data_takes_yaml_booleans_or_auto_and_auto_holds_what_fits():
-    from dlbatch.train import hold_decision, host_available_bytes
+def test_shuffle_and_materialize_take_their_choices_and_auto_materializes_what_fits(ray_cluster):
+    from dlbatch.pipeline import materialize_decision, preprocessed_bytes
 
-    assert JobConfig().image.train.hold_data == "auto"
-    on = load_config(None, ["image.train.hold_data=on", "text.train.hold_data=false"])
-    assert (on.image.train.hold_data, on.text.train.hold_data) == (True, False)
-    with pytest.raises(ConfigError, match=r"image\.train\.hold_data"):
-        load_config(None, ["image.train.hold_data=sometimes"])
-    cpu = torch.device("cpu")
-    available = host_available_bytes()
-    assert available > 0
-    assert hold_decision("auto", 2**20, cpu, ranks_on_host=2)[0] is True
-    # A part of ~7% of the available memory fits alone, not twice over: all ranks' parts count.
-    assert hold_decision("auto", available // 15, cpu, ranks_on_host=1)[0] is True
-    assert hold_decision("auto", available // 15, cpu, ranks_on_host=2)[0] is False
-    assert hold_decision(True, 3 * 2**20, cpu) == (True, "train.hold_data=true (3 MiB)")
-    assert hold_decision(False, 2**20, cpu)[0] is False
+    defaults = JobConfig().image.train
+    assert (defaults.shuffle, defaults.materialize) == ("global", "auto")
+    on = load_config(None, ["image.train.materialize=on", "text.train.shuffle=files"])
+    assert (on.image.train.materialize, on.text.train.shuffle) == (True, "files")
+    with pytest.raises(ConfigError, match=r"image\.train\.materialize"):
+        load_config(None, ["image.train.materialize=sometimes"])
+    with pytest.raises(ConfigError, match=r"text\.train\.shuffle"):
+        load_config(None, ["text.train.shuffle=blocks"])
+
+    store = ray_cluster.cluster_resources()["object_store_memory"]
+    image = JobConfig().image.model_dump()
+    per_row = preprocessed_bytes("image", image, 1)
+    assert per_row >= 28 * 28 * 4  # float32 pixels at least
+    assert materialize_decision("auto", int(0.4 * store))[0] is True
+    assert materialize_decision("auto", int(0.6 * store))[0] is False
+    assert materialize_decision(False, 1)[0] is False
+    assert materialize_decision(True, 10 * store) == (
+        True,
+        f"train.materialize=true (~{10 * store / 2**20:,.0f} MiB preprocessed)",
+    )

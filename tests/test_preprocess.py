@@ -5,7 +5,8 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from dlbatch.preprocess import count_tokens, preprocess_batch, tokenize
+from dlbatch.preprocess import preprocess_batch
+from dlbatch.tokenizer import train_tokenizer
 
 
 def _png(arr: np.ndarray, fmt: str = "PNG") -> bytes:
@@ -19,34 +20,36 @@ IMAGE_SPEC = {
     "label_type": "int", "label_names": [str(i) for i in range(10)], "num_classes": 10,
     "channels": 1, "height": 28, "width": 28, "resize": True,
 }  # fmt: skip
+CORPUS = ["the cat sat on the mat", "the dog sat", "北京天气晴朗", "上海下雨", "a cat and a dog"] * 20
 TEXT_SPEC = {
     "kind": "text", "feature_column": "text", "id_column": "id", "label_column": "label",
     "label_type": "string", "label_names": ["a", "b"], "num_classes": 2,
-    "vocab": ["the", "cat", "sat"], "max_length": 4,
+    "tokenizer": train_tokenizer(iter([CORPUS]), vocab_size=200, min_count=1), "max_length": 4,
 }  # fmt: skip
 
 
-def test_tokenize_lowercases_splits_and_keeps_nulls():
-    out = tokenize(pa.array(["The cat, sat!", None, "  ", "Héllo wörld's"]))
-    assert out.to_pylist() == [["the", "cat", "sat"], None, [], ["héllo", "wörld's"]]
+def _tokens(text: str) -> list[str]:
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(TEXT_SPEC["tokenizer"]).encode(text, add_special_tokens=False).tokens
 
 
-def test_count_tokens_per_batch():
-    counts = count_tokens(pa.table({"text": ["a b a", "b a", None]}), "text")
-    assert dict(zip(counts["value"].to_pylist(), counts["count"].to_pylist(), strict=True)) == {
-        "a": 3,
-        "b": 2,
-    }
+def test_the_tokenizer_splits_cjk_into_characters_and_other_scripts_into_words_and_pieces():
+    assert _tokens("北京下雨") == ["北", "京", "下", "雨"]  # no spaces between words: one token per character
+    assert _tokens("The CAT, sat!")[:3] == ["the", "cat", "[UNK]"]  # lower-cased; unseen punctuation unknown
+    assert _tokens("mate") == ["mat", "##e"]  # an unseen word from known pieces
 
 
-def test_text_encoding_pads_truncates_and_maps_unknown():
+def test_text_encoding_pads_truncates_and_keeps_lengths():
     batch = pa.table(
-        {"id": [1, 2, 3], "text": ["the cat sat", "the dog sat on the mat", "cat"], "label": ["a", "b", "a"]}
+        {"id": [1, 2, 3], "text": ["the cat sat", "the dog sat on the mat", "北京"], "label": ["a", "b", "a"]}
     )
     cols = preprocess_batch(batch, TEXT_SPEC)
-    # 0 pad, 1 unknown, vocabulary from 2
-    assert cols["tokens"].tolist() == [[2, 3, 4, 0], [2, 1, 4, 1], [3, 0, 0, 0]]
-    assert cols["length"].tolist() == [3, 4, 1]
+    tokens, lengths = cols["tokens"], cols["length"]
+    assert tokens.shape == (3, 4) and tokens.dtype == np.int64
+    assert lengths.tolist() == [3, 4, 2]  # truncated to max_length; what the GRU classifies from
+    assert (tokens[0, 3], tokens[2, 2], tokens[2, 3]) == (0, 0, 0)  # padded with id 0
+    assert (tokens[:, 0] > 1).all()  # known tokens (0 pad, 1 unknown)
     assert cols["y"].tolist() == [0, 1, 0]
     assert cols["reject_reason"].null_count == 3
 
@@ -54,13 +57,34 @@ def test_text_encoding_pads_truncates_and_maps_unknown():
 def test_text_bad_rows_are_kept_with_reasons():
     batch = pa.table(
         {
-            "id": ["x", "y", "z", "w"],
-            "text": [None, " ... ", "the cat", "cat"],
-            "label": ["a", "a", "zebra", None],
+            "id": ["x", "y", "z", "w", "v", "u"],
+            "text": [None, "   ", "the cat", "cat", "\x00\x07\x1b", "😀😀"],
+            "label": ["a", "a", "zebra", None, "a", "a"],
         }
     )
     reasons = preprocess_batch(batch, TEXT_SPEC)["reject_reason"].to_pylist()
-    assert reasons == ["null text", "empty text", "unknown label 'zebra'", "null label"]
+    # No letter or digit in any script (control characters, emoji alone) is empty text.
+    assert reasons == [
+        "null text",
+        "empty text",
+        "unknown label 'zebra'",
+        "null label",
+        "empty text",
+        "empty text",
+    ]
+
+
+def test_a_one_megabyte_document_is_encoded_from_its_start():
+    huge = "the cat sat " * 90_000  # ~1 MB
+    cols = preprocess_batch(pa.table({"id": [1], "text": [huge], "label": ["a"]}), TEXT_SPEC)
+    assert cols["reject_reason"].to_pylist() == [None]
+    assert cols["length"].tolist() == [4]
+    assert (
+        cols["tokens"][0].tolist()
+        == preprocess_batch(pa.table({"id": [1], "text": ["the cat sat the"], "label": ["a"]}), TEXT_SPEC)[
+            "tokens"
+        ][0].tolist()
+    )
 
 
 def test_image_struct_binary_and_pixel_list_decode_to_the_same_tensor():
