@@ -13,7 +13,7 @@ plat=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platfo
 dash=(aiohttp-cors colorful smart-open opencensus opencensus-context google-api-core google-auth
   googleapis-common-protos proto-plus pyasn1 pyasn1-modules cryptography cffi pycparser opentelemetry-api
   opentelemetry-sdk opentelemetry-semantic-conventions opentelemetry-exporter-prometheus opentelemetry-proto)
-for p in pyyaml psutil pyspng "${dash[@]}"; do
+for p in pyyaml psutil pyspng tokenizers tqdm "${dash[@]}"; do
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     "${plat[@]}" -d "$root/.gpu" "$p"
 done

@@ -21,7 +21,7 @@ step check
 nvidia-smi --query-gpu=name,memory.total,driver_version,utilization.gpu --format=csv
 nproc; free -g | head -2
 python3 -m pip list 2>/dev/null | grep -iE "^(torch|numpy|pyarrow|pandas|protobuf|pillow) "
-python3 -c "import ray, ray.data, ray.train, torch, pyspng
+python3 -c "import ray, ray.data, ray.train, torch, pyspng, tokenizers
 print('ray', ray.__version__, 'torch', torch.__version__, torch.cuda.get_device_name())" || exit 1
 # The dashboard's packages were carried; if they do not import here, hide one so that dlbatch starts its
 # local cluster without the dashboard (it says so) instead of failing.

@@ -252,11 +252,10 @@ def _bench_training_task(
     root: str, task: str, train_rows: int, epochs: int, repeats: int, gpus: int, extra: list[str], lag: float
 ) -> dict:
     """``bench_training`` for one task; ``extra``: its config overrides."""
-    runs: dict[str, list[float]] = {"dlbatch": [], "plain": [], "plain_same_layout": []}
+    runs: dict[str, list[float]] = {"dlbatch": [], "plain": [], "plain_same_layout": [], "unshuffled": []}
     excess, stage, first_batch = [], [], []
     gpu_busy: dict[str, list[dict]] = {"": [], "plain_": [], "unshuffled_": []}  # ``busy`` per round
     # A second fit per round keeps the stored order (train.shuffle=none): what the per-epoch shuffle costs.
-    unshuffled_samples_per_s: list[float] = []
     # The plain loop's data, loaded once after round 0's fit wrote it (every round's demo data has the same
     # rows and seed; round 0 runs dlbatch first), and the latest fit's model (what inference scores with).
     plain_data: dict = {}
@@ -290,7 +289,7 @@ def _bench_training_task(
             load_config(None, [*settings, "run_date=2026-01-02", f"{task}.train.shuffle=none"]),
             "unshuffled_",
         )
-        unshuffled_samples_per_s.append(steady(summary["history"]))
+        runs["unshuffled"].append(steady(summary["history"]))
 
     def run_plain(cfg) -> None:
         tcfg = cfg.task(task).train
@@ -330,7 +329,7 @@ def _bench_training_task(
         # GPU busy of dlbatch's fits, of the plain loop (whose batches are already decoded in memory: what
         # the model alone can keep busy) and of the fits without the shuffle (``busy_summary``).
         **{k: v for prefix, rounds in gpu_busy.items() for k, v in busy_summary(rounds, prefix).items()},
-        "unshuffled_samples_per_s": statistics.median(unshuffled_samples_per_s),
+        "unshuffled_samples_per_s": statistics.median(runs["unshuffled"]),
         "model_dir": model_dir[0],
     }
     result["ratio"] = result["dlbatch_samples_per_s"] / result["plain_samples_per_s"]
@@ -583,8 +582,7 @@ def main() -> int:
         *([("GRU training samples/s", text["dlbatch_samples_per_s"], text["plain_samples_per_s"], text["ratio"],
             text["all_runs"], "plain")] if text else []),
         *[(f"  {t} shuffled vs train.shuffle=none", r["dlbatch_samples_per_s"], r["unshuffled_samples_per_s"],
-           r["shuffled_vs_unshuffled"], {**r["all_runs"], "unshuffled": [r["unshuffled_samples_per_s"]] * r["repeats"]},
-           "unshuffled") for t, r in results["training"].items()],
+           r["shuffled_vs_unshuffled"], r["all_runs"], "unshuffled") for t, r in results["training"].items()],
         (f"inference images/s ({args.infer_rows:,})", large["dlbatch_images_per_s"], large["plain_images_per_s"],
          results["inference"]["ratio"], large["all_runs"], "plain"),
         ("  vs plain with the same fast paths", large["dlbatch_images_per_s"],

@@ -1,6 +1,6 @@
 """Scale row: a training split whose preprocessed size is several times the object store.
 
-    cd bench && python scale.py [--rows 20000] [--store-fraction 0.005]
+    cd bench && python scale.py [--rows 40000] [--store-fraction 0.004]
 
 A local cluster with its object store capped (RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION) trains the CNN
 one epoch on demo digits decoded at 64x64 (16 KiB a row as float32), at a quarter of ``--rows`` and at
@@ -22,9 +22,9 @@ HERE = Path(__file__).parent
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rows", type=int, default=20_000)
+    parser.add_argument("--rows", type=int, default=40_000)
     parser.add_argument(
-        "--store-fraction", default="0.005", help="of the host's memory, for the object store"
+        "--store-fraction", default="0.004", help="of the host's memory, for the object store"
     )
     args = parser.parse_args()
     # Read when Ray starts its local cluster, so before ensure_ray.
@@ -45,7 +45,7 @@ def main() -> int:
     for rows in (args.rows // 4, args.rows):
         cfg = load_config(None, [
             "tasks=[image]", f"output_root={root}/out-{rows}", f"demo_rows={rows}", "run_date=2026-01-01",
-            "image.image.height=64", "image.image.width=64", "image.train.epochs=1",
+            "image.image.height=96", "image.image.width=96", "image.train.epochs=1",
         ])  # fmt: skip
         with PeakRSS() as mem:
             [summary] = run_train(cfg)

@@ -43,15 +43,6 @@ def use_assigned_cpus() -> int:
     return torch.get_num_threads()
 
 
-def configure_data_context() -> None:
-    """Ray Data settings for this driver (applied per run, never at import)."""
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    # One "Total Progress" line per update instead of a block per operator: progress without a wall.
-    ctx.enable_operator_progress_bars = False
-
-
 def dashboard_unavailable() -> str | None:
     """Why Ray's dashboard cannot start in this environment (a plain ``ray`` install without the
     ``[default]`` extra), or None. The check is the import Ray itself makes before starting it."""
@@ -112,17 +103,32 @@ def check_cpus_left_for_data(task: str, num_workers: int, cpus_per_worker: float
     log.warning("%s (or add CPUs to the cluster)", message)
 
 
+class _WithoutTokenAuthNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
 def ensure_ray(cfg: JobConfig) -> None:
     """``ray.init`` once: the configured/submitted cluster if any, else a private local one on loopback."""
     import ray
 
-    configure_data_context()
+    # Ray Data logs ~6 lines per dataset it executes, a dozen per epoch in a fit: warnings only, unless
+    # asked (``verbose``) or set by the user. Ray Data reads the variable whenever it configures its
+    # loggers (again during executions), in this driver and, for a local cluster, in its processes.
+    if cfg.verbose:
+        os.environ["RAY_DATA_LOG_LEVEL"] = "INFO"
+    data_log_level = os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+    logging.getLogger("ray.data").setLevel(data_log_level)
     if ray.is_initialized():
         return
     address = cluster_address(cfg)
     if address:
         ray.init(address=address, log_to_driver=True)
         return
+    # Ray turns token authentication on for a local cluster and says so as a warning on every start; there
+    # is nothing to act on (turning it off is the one thing not to do), so the notice is left out.
+    for handler in logging.getLogger("ray").handlers:
+        handler.addFilter(_WithoutTokenAuthNotice())
     # A private local cluster has no spot nodes to drain: skip Ray Train's preemption watcher, one more
     # process per fit (~3 s of CPU to start on 2 cores). A submitted job keeps it; so does an explicit
     # setting. Ray Train hands this variable on from the driver to its controller.
@@ -144,7 +150,10 @@ def ensure_ray(cfg: JobConfig) -> None:
     global _STARTED_LOCAL_CLUSTER
     port = _free_loopback_port()
     num_cpus = local_num_cpus(cfg)
-    with _environment(RAY_GCS_SERVER_PORT=str(port), RAY_ADDRESS=f"127.0.0.1:{port}"):
+    # RAY_DATA_LOG_LEVEL reaches Ray Data in every worker and actor of the cluster (Ray Train's dataset
+    # actors too); PYTHONWARNINGS hides deprecation warnings that Ray's own internals raise in them.
+    cluster_env = {"RAY_DATA_LOG_LEVEL": data_log_level, "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+    with _environment(RAY_GCS_SERVER_PORT=str(port), RAY_ADDRESS=f"127.0.0.1:{port}", **cluster_env):
         context = ray.init(
             address="local",  # always a private instance: never attach to a cluster that merely runs here
             num_cpus=num_cpus,

@@ -151,6 +151,9 @@ class JobConfig(_Frozen):
     # A run date's published work (model, predictions, finished nightly run) is not redone unless forced;
     # force deletes that run's outputs and Ray Train checkpoints first.
     force: bool = False
+    # Ray Data's per-dataset execution banners and progress lines in the job's log (hidden by default:
+    # a run prints its plan, a line per stage and per epoch, and the summary). The CLI's --verbose.
+    verbose: bool = False
     # Promotion gate: a new model becomes champion if its test accuracy >= champion's (same test data) - this.
     promotion_tolerance: float = Field(default=0.01, ge=0, le=1)
     keep_versions: int = Field(default=5, ge=1)  # model versions kept per task (the champion always is)

@@ -6,6 +6,7 @@ column. ``read_split`` returns a Ray Dataset over exactly the files that were ch
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -207,10 +208,13 @@ def read_split(info: SplitInfo, columns: list[str] | None = None, shuffle_seed: 
     # Ray Data's V2 Parquet reader spent seconds per read listing and sampling files on a 2-core machine
     # (the legacy reader a fraction of one), and a streamed split is read again every epoch. The reader is
     # picked when the dataset is made: only this one gets it, the process's own setting is left as it was.
+    # The legacy reader's file-sampling bar is drawn on a terminal only: in a job's log every update of it
+    # is a line (the dataset's own progress is logged by Ray Data, which hides it at its default level).
     ctx = ray.data.DataContext.get_current()
-    saved, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
+    saved = ctx.use_datasource_v2, ctx.enable_progress_bars
+    ctx.use_datasource_v2, ctx.enable_progress_bars = False, saved[1] and sys.stderr.isatty()
     try:
-        return ray.data.read_parquet(
+        ds = ray.data.read_parquet(
             info.files,
             filesystem=info.filesystem,
             columns=columns,
@@ -221,7 +225,9 @@ def read_split(info: SplitInfo, columns: list[str] | None = None, shuffle_seed: 
             else FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True),
         )
     finally:
-        ctx.use_datasource_v2 = saved
+        ctx.use_datasource_v2, ctx.enable_progress_bars = saved
+    ds.context.enable_progress_bars = saved[1]
+    return ds
 
 
 def split_columns(info: SplitInfo, task_cfg: dict[str, Any], kind: str, with_label: bool) -> list[str]:

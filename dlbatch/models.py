@@ -49,6 +49,8 @@ class ImageCNN(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.uint8:  # pixels as preprocessing stores them, scaled on the model's device
+            x = x.float().mul_(1 / 255)
         # x: (B, C, H, W) float in [0, 1]
         return self.head(self.features(x))  # (B, classes)
 

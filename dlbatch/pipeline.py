@@ -6,6 +6,7 @@ Each stage is a function with explicit arguments, so jobs stay thin and tests ca
 from __future__ import annotations
 
 import logging
+import sys
 import time
 import uuid
 import zlib
@@ -195,7 +196,7 @@ def preprocessed_bytes(task: Task, task_cfg: dict[str, Any], rows: int) -> int:
     """An estimate of ``rows`` preprocessed rows' size in the object store."""
     if task == "image":
         img = task_cfg["image"]
-        features = img["channels"] * img["height"] * img["width"] * 4  # float32 pixels
+        features = img["channels"] * img["height"] * img["width"]  # uint8 pixels
     else:
         features = task_cfg["text"]["max_length"] * 8 + 8  # int64 tokens and length
     return rows * (features + 8 + ROW_OVERHEAD_BYTES)  # + the int64 label
@@ -314,9 +315,11 @@ def training_datasets(
         s: prepare_training_split(cfg, task, data, s, paths, result, materialize, pending)
         for s in ("train", "val")
     }
-    for ds in datasets.values():
-        # Off a terminal, each rank's per-epoch progress bar would be an empty line in the job's log.
-        ds.context.enable_progress_bars = False
+    if not sys.stdout.isatty():
+        for ds in datasets.values():
+            # Off a terminal, the workers' bars would reach the job's log a line per update; Ray Data logs
+            # their progress instead (at INFO, hidden unless verbose).
+            ds.context.use_ray_tqdm = False
     result.metrics["training_data"] = {"materialized": materialize, "why": why, "shuffle": tcfg.shuffle}
     return datasets
 
@@ -340,6 +343,13 @@ def train_model(cfg: JobConfig, task: Task, data: TaskData, paths: RunPaths, res
     pending: list[Future] = []
     datasets = training_datasets(cfg, task, data, paths, result, pending)
     result.durations_s["preprocess"] = time.perf_counter() - t0
+    if result.metrics["training_data"]["materialized"]:  # a streamed split is counted as it trains
+        log.info(
+            "%s: preprocessed %s in %.1fs",
+            task,
+            _rows_line(result, ("train", "val")),
+            result.durations_s["preprocess"],
+        )
 
     t0 = time.perf_counter()
     trainer = TorchTrainer(
@@ -404,7 +414,17 @@ def train_model(cfg: JobConfig, task: Task, data: TaskData, paths: RunPaths, res
         }
     )
     result.paths["model"] = paths.uri("model")
+    best_epoch = max(result.history, key=lambda h: (h["val_accuracy"], -h["epoch"]))
+    log.info("%s: trained %d epochs in %.1fs (%s); best val accuracy %.2f%% (epoch %d), published",
+             task, len(result.history), result.durations_s["train"], _rows_line(result, ("train", "val")),
+             100 * best_epoch["val_accuracy"], best_epoch["epoch"] + 1)  # fmt: skip
     return paths.uri("model")
+
+
+def _rows_line(result: TaskResult, splits: tuple[str, ...]) -> str:
+    """``train 1,500 rows (0 rejected), val 250 rows (0 rejected)`` for the splits counted so far."""
+    counted = [(s, result.rows[s]) for s in splits if s in result.rows]
+    return ", ".join(f"{s} {c.used:,} rows ({c.rejected:,} rejected)" for s, c in counted)
 
 
 def _best_epoch_checkpoint(fit, task: Task):
@@ -471,6 +491,8 @@ def evaluate_model(
     }
     result.metrics.update(metrics)
     result.durations_s["evaluate"] = time.perf_counter() - t0
+    log.info("%s: test accuracy %.2f%% on %s in %.1fs", task, 100 * metrics["test_accuracy"],
+             _rows_line(result, ("test",)), result.durations_s["evaluate"])  # fmt: skip
     return metrics
 
 
@@ -551,6 +573,8 @@ def predict_scores(
     counts.check(f"{task}/score")
     result.rows["score"] = counts
     result.durations_s["predict"] = time.perf_counter() - t0
+    log.info("%s: scored %s in %.1fs with %s", task, _rows_line(result, ("score",)),
+             result.durations_s["predict"], run_info["model_version"])  # fmt: skip
     result.paths["predictions"] = paths.uri("predictions")
     _check_reject_fraction(cfg, task, "score", counts, paths.uri("rejects", "score"))
     return paths.uri("predictions")

@@ -194,6 +194,9 @@ def promote(cfg: JobConfig, task: Task, data, paths: RunPaths, result: TaskResul
 def _train_tasks(cfg: JobConfig, splits: tuple[str, ...]) -> list[dict[str, Any]]:
     # Every split of every task is checked before Ray starts or any training runs.
     infos = {task: inspect_task(cfg, task, splits) for task in cfg.tasks}
+    for task in cfg.tasks:
+        rows = ", ".join(f"{s} {i.num_rows:,} rows in {len(i.files)} file(s)" for s, i in infos[task].items())
+        log.info("plan: %s for %s: %s", task, cfg.effective_run_date(), rows)
     ensure_ray(cfg)
     return [train_and_evaluate(cfg, task, infos[task]) for task in cfg.tasks]
 
@@ -256,7 +259,7 @@ def main(
     with_model: bool = False,
 ) -> int:
     """CLI wrapper shared by the jobs: config + overrides in, one-line error and non-zero exit on failure."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = _OneLineErrors(description=description)
     parser.add_argument("--config", help="YAML config file (default: built-in defaults = the demo)")
     parser.add_argument("--run-date", help="run date YYYY-MM-DD (default: today, UTC)")
     if with_model:
@@ -264,12 +267,16 @@ def main(
             "--model", help="checkpoint directory or URI (default: this run date's trained model)"
         )
     parser.add_argument(
+        "--verbose", action="store_true", help="also log Ray Data's per-dataset execution banners"
+    )
+    parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. image.train.epochs=2"
     )
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options and overrides in any order
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         overrides = list(args.overrides) + ([f"run_date={args.run_date}"] if args.run_date else [])
+        overrides += ["verbose=true"] if args.verbose else []
         cfg = load_config(args.config, overrides)
         summaries = run(cfg, args.model) if with_model else run(cfg)
     except DlbatchError as err:
@@ -285,6 +292,14 @@ def main(
         ray.shutdown()  # flush and stop Ray's log streaming so the summary is the last thing printed
     print(format_summary(summaries))
     return 0
+
+
+class _OneLineErrors(argparse.ArgumentParser):
+    """A command-line mistake is one ``dlbatch: error:`` line (exit 2), like every other error."""
+
+    def error(self, message: str):
+        print(f"dlbatch: error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def _root_cause(err: BaseException) -> str:

@@ -33,7 +33,7 @@ from dlbatch.models import build_model, fast_layout, forward_batch
 log = logging.getLogger(__name__)
 
 FEATURES = {"image": ["x", "y"], "text": ["tokens", "length", "y"]}
-DTYPES = {"x": torch.float32, "y": torch.int64, "tokens": torch.int64, "length": torch.int64}
+DTYPES = {"x": torch.uint8, "y": torch.int64, "tokens": torch.int64, "length": torch.int64}
 # Rows mixed by each worker's local shuffle buffer with ``train.shuffle=files`` (a few batches' worth).
 LOCAL_SHUFFLE_ROWS = 4096
 

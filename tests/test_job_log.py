@@ -1,0 +1,73 @@
+"""The job's log as a person reads it: the default demo night, both tasks, in its own process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).parents[1]
+BANNERS = ("Starting execution of Dataset", "Execution plan of Dataset", "Total Progress", "Running Dataset")
+
+
+def _job(*args: str, timeout: int = 600) -> tuple[int, str]:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a job on its own local Ray
+    done = subprocess.run(
+        [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+        start_new_session=True,
+    )  # fmt: skip
+    return done.returncode, done.stdout + done.stderr
+
+
+@pytest.fixture(scope="module")
+def demo_night(tmp_path_factory):
+    out = tmp_path_factory.mktemp("night")
+    code, log = _job("jobs/nightly.py", f"output_root={out}", "demo_rows=300", "--run-date", "2026-11-25",
+                     "image.train.epochs=2", "text.train.epochs=2")  # fmt: skip
+    return out, code, log
+
+
+def test_the_demo_night_logs_its_plan_stages_epochs_and_summary_and_nothing_else(demo_night):
+    _, code, log = demo_night
+    assert code == 0, log[-3000:]
+    lines = log.splitlines()
+    for task in ("image", "text"):
+        assert any(f"plan: {task} for 2026-11-25: train " in line for line in lines), task
+        assert any(f"{task}: preprocessed train 300 rows (0 rejected), val 50 rows" in line for line in lines)
+        assert sum(f"[{task}] epoch " in line for line in lines) == 2
+        assert any(f"{task}: trained 2 epochs in " in line for line in lines)
+        assert any(
+            f"{task}: test accuracy " in line and " on test 50 rows (0 rejected)" in line for line in lines
+        )
+        assert any(f"{task}: scored score 100 rows (0 rejected) in " in line for line in lines)
+        assert any(line.startswith(f"[{task}] test accuracy ") for line in lines)  # the summary
+    assert any("local Ray: " in line for line in lines)
+    assert [line for line in lines if any(banner in line for banner in BANNERS)] == []
+    assert [line for line in lines if "WARNING" in line or "Warning" in line] == []
+    assert len(lines) <= 70, "\n".join(lines)
+
+
+def test_verbose_brings_ray_datas_banners_back(demo_night):
+    out, _, _ = demo_night
+    # The night is published: training is skipped, but the data checks and evaluation still run Ray Data.
+    code, log = _job("jobs/train.py", "--verbose", f"output_root={out}", "tasks=[text]", "demo_rows=300",
+                     "--run-date=2026-11-25")  # fmt: skip
+    assert code == 0, log[-3000:]
+    assert "already trained" in log
+    assert any(banner in log for banner in BANNERS)
+
+
+def test_options_and_overrides_come_in_any_order_and_a_mistake_is_one_line(tmp_path):
+    code, log = _job("jobs/train.py", "--run-date", "2026-11-25", f"text.data.train={tmp_path / 'none'}",
+                     "tasks=[text]", "--config", "jobs/configs/demo.yaml")  # fmt: skip
+    assert code == 2
+    assert log.strip().splitlines() == [f"dlbatch: error: {tmp_path / 'none'}: no such file or directory"]
+
+    code, log = _job("jobs/train.py", "tasks=[text]", "--no-such-option")
+    assert code == 2
+    assert log.strip().splitlines() == [
+        "dlbatch: error: unrecognized arguments: --no-such-option (see --help)"
+    ]
