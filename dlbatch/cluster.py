@@ -157,8 +157,8 @@ def ensure_ray(cfg: JobConfig) -> None:
         context = ray.init(
             address="local",  # always a private instance: never attach to a cluster that merely runs here
             num_cpus=num_cpus,
-            # Off unless asked for (cluster.local_dashboard): on 2 cores the dashboard and its module
-            # processes added to every local run's start (docs/PERFORMANCE.md). When on, loopback only.
+            # On by default (cluster.local_dashboard): Ray Train's placement-group cleaner asks its state
+            # API whether the controller lives. Loopback only.
             include_dashboard=dashboard,
             dashboard_host="127.0.0.1",
             configure_logging=True,

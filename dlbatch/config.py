@@ -92,7 +92,7 @@ class TrainConfig(_Frozen):
     materialize: Literal["auto"] | bool = "auto"
     # torch.compile the model for the fit: fused kernels and fewer launches per step, for GPU steps held
     # back by the host's kernel launches. Each worker compiles at the start of every fit, and on CPUs the
-    # compiled steps ran slower (docs/PERFORMANCE.md). Checkpoints hold the plain model's weights.
+    # compiled steps ran slower than eager. Checkpoints hold the plain model's weights.
     compile: bool = False
 
 
@@ -135,10 +135,10 @@ class ClusterConfig(_Frozen):
     # None: join a running cluster if RAY_ADDRESS says so (ray job submit), else start a local one.
     address: str | None = None
     # Logical CPUs of a local cluster. Above the machine's cores on purpose: training workers each hold one,
-    # and Ray Data must still get CPUs or the job hangs (DESIGN.md pitfall 1).
+    # and Ray Data must still get CPUs or the job hangs (the job checks it before a fit).
     local_num_cpus: int | None = None
-    # Ray's dashboard for a local cluster, on 127.0.0.1 (a cluster the job joins keeps its own). Off by
-    # default: it makes a local run start ~2 s later on 2 cores; turn it on to watch a run.
+    # Ray's dashboard for a local cluster, on 127.0.0.1 (a cluster the job joins keeps its own). On by
+    # default: Ray Train's placement-group cleaner needs its state API; off starts a local run faster.
     local_dashboard: bool = True
 
 

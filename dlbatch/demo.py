@@ -1,4 +1,4 @@
-"""Deterministic demo datasets, written in the Parquet layouts of DESIGN.md.
+"""Deterministic demo datasets, written in the Parquet layouts of docs/ARCHITECTURE.md.
 
 - image: 28x28 grayscale digits 0-9 drawn with Pillow's bundled font under random affine transforms,
   stroke widths and noise; ``image`` is a ``{bytes: PNG, path}`` struct, ``label`` an int.

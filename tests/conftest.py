@@ -15,7 +15,7 @@ def ray_cluster():
     import ray
 
     # More logical CPUs than cores on purpose: training workers hold CPUs for a whole fit and Ray Data
-    # still needs some (DESIGN.md pitfall 1). Loopback only.
+    # still needs some, or a fit would hang. Loopback only.
     ray.init(
         address="local",  # a new private cluster, never one that happens to run on this host
         num_cpus=6,

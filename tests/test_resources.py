@@ -1,4 +1,4 @@
-"""DESIGN pitfall 1: training workers holding every CPU must not starve Ray Data into a hang.
+"""Training workers holding every CPU must not starve Ray Data into a hang.
 
 The job runs in its own process with a local cluster of exactly 2 logical CPUs and 2 training workers of
 1 CPU each. If the pipeline needed CPU-holding Ray Data tasks while the workers hold every CPU, this
@@ -52,9 +52,7 @@ def test_training_workers_holding_every_cpu_end_the_job_in_one_line_not_a_hang(
             cmd, cwd=REPO, capture_output=True, text=True, timeout=300, start_new_session=True
         )
     except subprocess.TimeoutExpired as err:
-        raise AssertionError(
-            "the job hung with every CPU held by training workers (DESIGN.md pitfall 1)"
-        ) from err
+        raise AssertionError("the job hung with every CPU held by training workers") from err
     assert done.returncode == 2, (done.stdout + done.stderr)[-3000:]
     errors = [line for line in done.stderr.splitlines() if line.startswith("dlbatch: error:")]
     assert errors == [
