@@ -6,10 +6,8 @@ would hang, and the timeout turns the hang into a failure."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -62,26 +60,6 @@ def test_training_workers_holding_every_cpu_end_the_job_in_one_line_not_a_hang(
     ]
     assert "Traceback" not in done.stdout + done.stderr
     assert not (tmp_path / "ray_results").exists()  # nothing trained
-
-
-def test_a_local_job_on_its_own_cluster_talks_to_that_cluster_only(ray_cluster, demo_root, tmp_path):
-    """With the session's Ray instance on this host, a job's private cluster and its Ray Train helpers
-    (the placement-group cleaner asks the state API whether the controller lives) use their own."""
-    ray_tmp = tempfile.mkdtemp(prefix="dlb-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
-    try:
-        done = subprocess.run(
-            _text_train_job(demo_root, tmp_path), cwd=REPO, capture_output=True, text=True, timeout=300,
-            start_new_session=True, env=env,
-        )  # fmt: skip
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    assert "[text] test accuracy" in done.stdout
-    assert "State API may be temporarily unavailable" not in done.stdout + done.stderr
-    for sign in OTHER_CLUSTER_SIGNS:
-        assert sign not in done.stdout + done.stderr
-    assert "Traceback" not in done.stdout + done.stderr
 
 
 @pytest.mark.parametrize("cpus", [1, 2])
