@@ -103,9 +103,16 @@ def check_cpus_left_for_data(task: str, num_workers: int, cpus_per_worker: float
     log.warning("%s (or add CPUs to the cluster)", message)
 
 
-class _WithoutTokenAuthNotice(logging.Filter):
+class WithoutMessage(logging.Filter):
+    """Drops the log records whose message starts with ``prefix`` (Ray's lines that a person cannot act
+    on). Matched on the text: should Ray reword one, the line shows again and nothing else changes."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+        return not record.getMessage().startswith(self.prefix)
 
 
 def ensure_ray(cfg: JobConfig) -> None:
@@ -128,7 +135,7 @@ def ensure_ray(cfg: JobConfig) -> None:
     # Ray turns token authentication on for a local cluster and says so as a warning on every start; there
     # is nothing to act on (turning it off is the one thing not to do), so the notice is left out.
     for handler in logging.getLogger("ray").handlers:
-        handler.addFilter(_WithoutTokenAuthNotice())
+        handler.addFilter(WithoutMessage("Token authentication is enabled for this Ray cluster"))
     # A private local cluster has no spot nodes to drain: skip Ray Train's preemption watcher, one more
     # process per fit (~3 s of CPU to start on 2 cores). A submitted job keeps it; so does an explicit
     # setting. Ray Train hands this variable on from the driver to its controller.

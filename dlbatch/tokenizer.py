@@ -88,9 +88,3 @@ def encode(texts: pa.Array, tokenizer_json: str, max_length: int) -> tuple[np.nd
     flat = itertools.chain.from_iterable(e.ids for e in encodings)
     tokens = np.fromiter(flat, dtype=np.int64, count=len(encodings) * max_length).reshape(-1, max_length)
     return tokens, (tokens != PAD).sum(1)  # padding is the only source of id 0
-
-
-def unknown_share(tokens: np.ndarray, lengths: np.ndarray) -> float:
-    """The share of real (non-padding) tokens that are unknown."""
-    real = int(lengths.sum())
-    return float((tokens == UNK).sum()) / real if real else 0.0

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlbatch.checkpoint import load_training_state, save_checkpoint
-from dlbatch.cluster import use_assigned_cpus
+from dlbatch.cluster import WithoutMessage, use_assigned_cpus
 from dlbatch.models import build_model, fast_layout, forward_batch
 
 log = logging.getLogger(__name__)
@@ -202,22 +202,14 @@ def resume_point(model: nn.Module, optimizer: torch.optim.Optimizer) -> ResumePo
     return ResumePoint(meta["epoch"] + 1, 0, ResumePoint().carried, history, True)
 
 
-class _WithoutReportEcho(logging.Filter):
-    """Drops Ray Train's line per report and rank ("Reporting training result N: ..." with the whole
-    metrics dict); rank 0's epoch line says what a person needs. Matched on the text: should Ray reword it,
-    the line shows again and nothing else changes."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Reporting training result")
-
-
 def _quiet_worker_logs() -> None:
     """Ray Data's per-iterator execution banners would repeat every epoch on every rank, and Ray Train
     echoes every report; rank 0's epoch line says it all. A batch inside one stored block can be a
     read-only NumPy view, and torch warns once per worker about it: nothing here writes into a batch."""
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     for handler in logging.getLogger().handlers:
-        handler.addFilter(_WithoutReportEcho())
+        # Ray Train's line per report and rank, with the whole metrics dict: the epoch line says it.
+        handler.addFilter(WithoutMessage("Reporting training result"))
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
 
 
