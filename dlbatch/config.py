@@ -36,6 +36,9 @@ class DataConfig(_Frozen):
     partition: dict[str, str] = Field(default_factory=dict)
     # Labels: ints in [0, num_classes) or strings (mapped through a label map built from train).
     num_classes: int | None = Field(default=None, ge=2)
+    # The type of a label taken from Hive partition keys (train/label=3/part-0.parquet, Spark's
+    # partitionBy): auto is int when every value is an integer, else string. A label column keeps its type.
+    label_type: Literal["auto", "int", "string"] = "auto"
 
 
 class ImageConfig(_Frozen):
@@ -142,6 +145,13 @@ class ClusterConfig(_Frozen):
     local_dashboard: bool = True
 
 
+class TrackingConfig(_Frozen):
+    # MLflow tracking server, e.g. http://mlflow.internal:5000. None: the MLFLOW_TRACKING_URI environment
+    # variable, and without that no tracking at all (MLflow is not even imported).
+    mlflow_uri: str | None = None
+    experiment: str = "dlbatch"  # registered models are named <experiment>-<task>
+
+
 class JobConfig(_Frozen):
     tasks: tuple[Task, ...] = ("image", "text")
     output_root: str = "dlbatch-output"
@@ -156,6 +166,9 @@ class JobConfig(_Frozen):
     verbose: bool = False
     # Promotion gate: a new model becomes champion if its test accuracy >= champion's (same test data) - this.
     promotion_tolerance: float = Field(default=0.01, ge=0, le=1)
+    # Quality floor (dlbatch/quality.py): a model must get at least this share of the test rows right that
+    # "always the majority class" gets wrong. Below it a model is never promoted and the night fails.
+    quality_margin: float = Field(default=0.2, ge=0, lt=1)
     keep_versions: int = Field(default=5, ge=1)  # model versions kept per task (the champion always is)
     # Ray Train checkpoints (ray_results/<task>-<date>) kept for the newest this many run dates per task;
     # older ones are deleted once their run's model is published (an unfinished run keeps its own).
@@ -163,6 +176,7 @@ class JobConfig(_Frozen):
     image: ImageTaskConfig = ImageTaskConfig()
     text: TextTaskConfig = TextTaskConfig()
     cluster: ClusterConfig = ClusterConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @field_validator("tasks")
     @classmethod

@@ -6,9 +6,11 @@ column. ``read_split`` returns a Ray Dataset over exactly the files that were ch
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -91,12 +93,17 @@ def _read_schema(fs: pafs.FileSystem, path: str) -> tuple[pa.Schema, int]:
         raise DataError(f"{path}: not a readable Parquet file ({reason})") from None
 
 
+def _value_type(t: pa.DataType) -> pa.DataType:
+    """A dictionary-encoded column (pandas categorical, Spark/Hive dictionary pages) as its value type."""
+    return t.value_type if pa.types.is_dictionary(t) else t
+
+
 def _check_feature(
     info_path: str, schema: pa.Schema, kind: str, column: str, image_shape: tuple[int, int, int]
 ) -> None:
     if column not in schema.names:
         raise DataError(f"{info_path}: missing column {column!r} (columns: {', '.join(schema.names)})")
-    t = schema.field(column).type
+    t = _value_type(schema.field(column).type)
     if kind == "text":
         if not _is(t, _STRING):
             raise DataError(f"{info_path}: column {column!r} is {t}, expected string text")
@@ -156,16 +163,20 @@ def inspect_split(
         shape = (img["channels"], img["height"], img["width"])
     label_col = data_cfg["label_column"]
     total, schema, label_type, file_rows = 0, None, None, []
+    partition_labels: dict[str, str] = {}  # file -> its label=<value> partition key
     for f in files:
         file_schema, rows = _read_schema(fs, f)
         file_rows.append(rows)
         _check_feature(f, file_schema, kind, feature, shape)
-        if needs_label and label_col not in file_schema.names:
+        key = re.search(rf"(?:^|/){re.escape(label_col)}=([^/]*)/", f[len(root) :] if f != root else "")
+        if label_col not in file_schema.names and key:
+            partition_labels[f] = unquote(key.group(1))
+        elif needs_label and label_col not in file_schema.names:
             raise DataError(
                 f"{f}: missing label column {label_col!r} (columns: {', '.join(file_schema.names)})"
             )
         if label_col in file_schema.names:
-            t = file_schema.field(label_col).type
+            t = _value_type(file_schema.field(label_col).type)
             this = "int" if pa.types.is_integer(t) else "string" if _is(t, _STRING) else None
             if this is None:
                 raise DataError(f"{f}: column {label_col!r} is {t}, expected int or string labels")
@@ -181,6 +192,17 @@ def inspect_split(
         total += rows
     if total == 0:
         raise DataError(f"{path}: dataset is empty (0 rows in {len(files)} file(s))")
+    extra: dict[str, Any] = {}
+    if partition_labels:
+        if len(partition_labels) < len(files) and (needs_label or label_type is not None):
+            unlabeled = next(f for f in files if f not in partition_labels)
+            raise DataError(f"{unlabeled}: no label column {label_col!r} and no {label_col}=<value> partition key, "
+                            f"unlike other files of {path}")  # fmt: skip
+        label_type = _partition_label_type(partition_labels, label_col, data_cfg["label_type"])
+        extra["label_partition"] = (label_col, label_type)
+    dictionaries = [f.name for f in schema if pa.types.is_dictionary(f.type)]
+    if dictionaries:
+        extra["dictionary_columns"] = dictionaries
     if kind == "image" and _is(schema.field(feature).type, _LIST):
         _check_pixel_lengths(fs, files[0], feature, shape)
     return SplitInfo(
@@ -191,10 +213,24 @@ def inspect_split(
         num_rows=total,
         schema=schema,
         has_id=data_cfg["id_column"] in schema.names,
-        has_label=label_col in schema.names,
+        has_label=label_col in schema.names or bool(partition_labels),
         label_type=label_type,
+        extra=extra,
         file_rows=file_rows,
     )
+
+
+def _partition_label_type(values: dict[str, str], label_col: str, configured: str) -> str:
+    """The type of labels from partition keys: as configured, or int when every value is an integer."""
+    ints = {f: v for f, v in values.items() if re.fullmatch(r"-?\d+", v)}
+    if configured == "string" or (configured == "auto" and len(ints) < len(values)):
+        return "string"
+    if len(ints) < len(values):
+        f = next(f for f in values if f not in ints)
+        raise DataError(
+            f"{f}: partition key {label_col}={values[f]!r} is not an int label (data.label_type=int)"
+        )
+    return "int"
 
 
 def read_split(info: SplitInfo, columns: list[str] | None = None, shuffle_seed: int | None = None):
@@ -204,6 +240,7 @@ def read_split(info: SplitInfo, columns: list[str] | None = None, shuffle_seed: 
     drawn from this seed and the execution's index."""
     import ray.data
     from ray.data import FileShuffleConfig
+    from ray.data.datasource import Partitioning
 
     # Ray Data's V2 Parquet reader spent seconds per read listing and sampling files on a 2-core machine
     # (the legacy reader a fraction of one), and a streamed split is read again every epoch. The reader is
@@ -213,6 +250,10 @@ def read_split(info: SplitInfo, columns: list[str] | None = None, shuffle_seed: 
     ctx = ray.data.DataContext.get_current()
     saved = ctx.use_datasource_v2, ctx.enable_progress_bars
     ctx.use_datasource_v2, ctx.enable_progress_bars = False, saved[1] and sys.stderr.isatty()
+    # Ray Data adds Hive partition keys (dt=..., label=...) as string columns; a label taken from them is
+    # typed here, the way the footer scan decided.
+    label_col, label_type = info.extra.get("label_partition", (None, None))
+    types = {label_col: int} if label_type == "int" else {}
     try:
         ds = ray.data.read_parquet(
             info.files,
@@ -220,6 +261,7 @@ def read_split(info: SplitInfo, columns: list[str] | None = None, shuffle_seed: 
             columns=columns,
             include_paths=True,
             include_row_hash=not info.has_id,
+            partitioning=Partitioning("hive", field_types=types),
             shuffle=None
             if shuffle_seed is None
             else FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True),
@@ -227,7 +269,19 @@ def read_split(info: SplitInfo, columns: list[str] | None = None, shuffle_seed: 
     finally:
         ctx.use_datasource_v2, ctx.enable_progress_bars = saved
     ds.context.enable_progress_bars = saved[1]
+    wanted = set(info.extra.get("dictionary_columns", ())) & set(columns or info.schema.names)
+    if wanted:  # read as their value type: every later stage sees plain strings, ints, bytes
+        ds = ds.map_batches(
+            _decode_dictionaries, batch_format="pyarrow", batch_size=None, zero_copy_batch=True
+        )
     return ds
+
+
+def _decode_dictionaries(batch: pa.Table) -> pa.Table:
+    for i, f in enumerate(batch.schema):
+        if pa.types.is_dictionary(f.type):
+            batch = batch.set_column(i, f.name, batch.column(i).cast(f.type.value_type))
+    return batch
 
 
 def split_columns(info: SplitInfo, task_cfg: dict[str, Any], kind: str, with_label: bool) -> list[str]:
@@ -242,7 +296,7 @@ def split_columns(info: SplitInfo, task_cfg: dict[str, Any], kind: str, with_lab
     return [c for c in dict.fromkeys(cols) if c not in (PATH_COL, ROW_HASH_COL)]
 
 
-def _label_counts(batch: pa.Table, column: str) -> pa.Table:
+def value_counts(batch: pa.Table, column: str) -> pa.Table:
     counts = pc.value_counts(batch.column(column).combine_chunks())
     return pa.table({"value": counts.field("values"), "count": counts.field("counts").cast(pa.int64())})
 
@@ -283,7 +337,7 @@ def build_label_names(info: SplitInfo, task_cfg: dict[str, Any]) -> list[str]:
     label_col = task_cfg["data"]["label_column"]
     num_classes = task_cfg["data"]["num_classes"]
     ds = read_split(info, columns=[label_col])
-    values = count_values(ds, _label_counts, {"column": label_col})["value"].to_pylist()
+    values = count_values(ds, value_counts, {"column": label_col})["value"].to_pylist()
     if not values:
         raise DataError(f"{info.path}: column {label_col!r} has no non-null labels")
     if info.label_type == "string":
@@ -303,6 +357,15 @@ def build_label_names(info: SplitInfo, task_cfg: dict[str, Any]) -> list[str]:
     if num_classes < 2:
         raise DataError(f"{info.path}: column {label_col!r} has a single class; need at least 2")
     return [str(i) for i in range(num_classes)]
+
+
+def label_variants(names: list[str]) -> list[list[str]]:
+    """String labels that differ only by case or surrounding whitespace (" World", "world"): kept as the
+    separate classes they are in the data, but worth a warning, since they are usually one class."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(name.strip().casefold(), []).append(name)
+    return [sorted(g) for _, g in sorted(groups.items()) if len(g) > 1]
 
 
 def build_tokenizer(info: SplitInfo, task_cfg: dict[str, Any], seed: int = 0) -> str:

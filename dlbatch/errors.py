@@ -15,3 +15,16 @@ class DataError(DlbatchError):
 
 class CheckpointError(DlbatchError):
     """A checkpoint is missing, truncated or tampered with."""
+
+
+class TrainingError(DlbatchError):
+    """A fit went wrong in a way a retry cannot mend (a loss that became NaN or infinite)."""
+
+
+class QualityError(DlbatchError):
+    """A night's model is below the quality floor. Raised after every task has written its outputs; the
+    summaries ride along so the job can still print them."""
+
+    def __init__(self, message: str, summaries: list):
+        super().__init__(message)
+        self.summaries = summaries

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from dlbatch.cluster import check_cpus_left_for_data
@@ -23,16 +24,21 @@ from dlbatch.data import (
     SplitInfo,
     build_label_names,
     build_tokenizer,
+    count_values,
     inspect_split,
+    label_variants,
     read_split,
     resolve_path,
     split_columns,
+    value_counts,
 )
 from dlbatch.demo import write_demo_data
-from dlbatch.errors import DataError
+from dlbatch.errors import DataError, TrainingError
 from dlbatch.models import model_args_for
-from dlbatch.predict import PRED_COLUMNS, predict_dataset, preprocess_spec
+from dlbatch.predict import PRED_COLUMNS, predict_dataset, preprocess_in_tasks, preprocess_spec, use_actors
 from dlbatch.preprocess import preprocess_for_training
+from dlbatch.quality import describe as describe_quality
+from dlbatch.quality import quality_floor
 from dlbatch.store import (
     PART_DONE,
     SUCCESS,
@@ -145,6 +151,11 @@ def learn_from_train(
         return TaskData(splits=infos, meta=meta)
     learned: dict[str, Any] = {"label_type": infos["train"].label_type}
     learned["label_names"] = build_label_names(infos["train"], task_cfg)
+    if learned["label_type"] == "string":
+        learned["label_variants"] = label_variants(learned["label_names"])
+    for variants in learned.get("label_variants", []):
+        log.warning("%s: labels %s differ only by case or surrounding spaces; they are kept as %d classes",
+                    task, ", ".join(repr(v) for v in variants), len(variants))  # fmt: skip
     vocab_len = None
     if task == "text":
         tokenizer = build_tokenizer(infos["train"], task_cfg, cfg.task(task).train.seed)
@@ -387,6 +398,13 @@ def train_model(cfg: JobConfig, task: Task, data: TaskData, paths: RunPaths, res
         for routed in pending:  # a streamed split's rejects: its counts checked before anything is published
             routed.result()
     result.durations_s["train"] = time.perf_counter() - t0
+    last = (fit.return_value or {}).get("diverged")
+    if last:
+        raise TrainingError(
+            f"{task}: training diverged in epoch {last['epoch'] + 1}/{tcfg.epochs} (train loss "
+            f"{last['train_loss']:.4g}, val loss {last['val_loss']:.4g}); nothing published; lower "
+            f"{task}.train.lr (now {tcfg.lr:g}) and rerun with force=true"
+        )
     best = _best_epoch_checkpoint(fit, task)
     staged = staging_dir(paths, "model")
     paths.fs.create_dir(staged, recursive=True)
@@ -489,10 +507,15 @@ def evaluate_model(
         "confusion": confusion.tolist(),
         "label_names": data.meta["label_names"],
     }
+    metrics["quality"] = quality_floor(
+        metrics["confusion"], metrics["label_names"], metrics["test_accuracy"], cfg.quality_margin
+    )
     result.metrics.update(metrics)
     result.durations_s["evaluate"] = time.perf_counter() - t0
     log.info("%s: test accuracy %.2f%% on %s in %.1fs", task, 100 * metrics["test_accuracy"],
              _rows_line(result, ("test",)), result.durations_s["evaluate"])  # fmt: skip
+    if not metrics["quality"]["passed"]:
+        log.warning("%s: %s", task, describe_quality(metrics["quality"]))
     return metrics
 
 
@@ -561,6 +584,12 @@ def predict_scores(
         mark_published(fs, part_dir, {"files": files, "rows": rows}, marker=PART_DONE)
         staged.append(part_dir)
     result.metrics["score_parts"] = {"parts": len(plan), "reused": len(done)}
+    pcfg = task_cfg["predict"]
+    result.metrics["predict"] = {
+        "compute": "actors" if use_actors(pcfg) else "tasks",
+        "gpus_per_actor": pcfg["gpus_per_actor"] if use_actors(pcfg) else 0,
+        "preprocess": "tasks" if use_actors(pcfg) and preprocess_in_tasks(pcfg) else "with the model",
+    }
     keep = [id_column, *task_cfg["data"]["passthrough_columns"], *PRED_COLUMNS, "model_version", "run_date"]
     used, rejected = publish_split(
         fs, staged, pred_dir, paths.path("rejects", "score"), keep, [id_column, *REJECT_COLUMNS],
@@ -576,5 +605,22 @@ def predict_scores(
     log.info("%s: scored %s in %.1fs with %s", task, _rows_line(result, ("score",)),
              result.durations_s["predict"], run_info["model_version"])  # fmt: skip
     result.paths["predictions"] = paths.uri("predictions")
+    if info.has_id:
+        result.metrics["duplicate_ids"] = _duplicate_ids(task, info, id_column)
     _check_reject_fraction(cfg, task, "score", counts, paths.uri("rejects", "score"))
     return paths.uri("predictions")
+
+
+def _duplicate_ids(task: Task, info: SplitInfo, id_column: str) -> dict[str, Any]:
+    """Ids that more than one score row carries. Every row is still scored (one prediction row per input
+    row), but a join of the predictions back on id is ambiguous for these, so the run says so."""
+    dups = count_values(
+        read_split(info, columns=[id_column]), value_counts, {"column": id_column}, min_count=2
+    )
+    found = {"ids": dups.num_rows, "rows": int(pc.sum(dups["count"]).as_py() or 0),
+             "examples": [str(v) for v in dups["value"].slice(0, 5).to_pylist()]}  # fmt: skip
+    if found["ids"]:
+        log.warning("%s: %d ids appear on more than one score row (%d rows, e.g. %s); every row is scored, "
+                    "so a join of the predictions on %r is ambiguous for them", task, found["ids"], found["rows"],
+                    ", ".join(repr(v) for v in found["examples"][:3]), id_column)  # fmt: skip
+    return found

@@ -4,8 +4,10 @@ Layout under ``<output_root>/models/<task>/``:
     versions/<version>/     a copy of the run's best checkpoint (+ _SUCCESS)
     champion.json           {"version", "test_accuracy", "promoted_at_run", "history": [...]}
 
-A new model becomes champion only if its test accuracy is at least the champion's (re-measured on the
-same test data) minus ``promotion_tolerance``. Scoring always uses the champion.
+A new model becomes champion only if it passes the quality floor and its test accuracy is at least the
+champion's (re-measured on the same test data) minus ``promotion_tolerance``. Scoring always uses the
+champion. A forced rerun of a night replaces that night's version and is decided again, against the
+champion as it stood before that night.
 """
 
 from __future__ import annotations
@@ -16,13 +18,21 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from dlbatch.store import RunPaths, is_published, mark_published, move_into_place, read_json, remove_if_exists
+from dlbatch.store import (
+    RunPaths,
+    is_published,
+    mark_published,
+    move_into_place,
+    read_json,
+    remove_if_exists,
+    write_json,
+)
 
 
 @dataclass(frozen=True)
 class Decision:
     promoted: bool
-    champion_version: str
+    champion_version: str | None  # None: no champion (nothing to score with)
     reason: str
     candidate_accuracy: float
     previous_version: str | None = None
@@ -47,17 +57,32 @@ class ModelStore:
     def champion(self) -> dict[str, Any] | None:
         return read_json(self.fs, f"{self.root}/champion.json")
 
-    def add_version(self, version: str, model_dir: str) -> str:
-        """Copy a published model directory into the store (idempotent: an existing version is kept)."""
+    def add_version(self, version: str, model_dir: str, replace: bool = False) -> bool:
+        """Copy a published model directory into the store as ``version``. An existing version is kept
+        (a retried night stores its model once) unless ``replace`` (a forced night). Returns whether the
+        store now holds this model directory's copy for the first time."""
         dest = self.version_path(version)
-        if not is_published(self.fs, dest):
-            staged = f"{self.root}/_staging-{uuid.uuid4().hex[:8]}"
-            self.fs.create_dir(staged, recursive=True)
-            pafs.copy_files(model_dir, staged, source_filesystem=self.fs, destination_filesystem=self.fs)
-            remove_if_exists(self.fs, f"{staged}/_SUCCESS")
-            move_into_place(self.fs, staged, dest)
-            mark_published(self.fs, dest, {"version": version})
-        return self.version_uri(version)
+        if is_published(self.fs, dest) and not replace:
+            return False
+        staged = f"{self.root}/_staging-{uuid.uuid4().hex[:8]}"
+        self.fs.create_dir(staged, recursive=True)
+        pafs.copy_files(model_dir, staged, source_filesystem=self.fs, destination_filesystem=self.fs)
+        remove_if_exists(self.fs, f"{staged}/_SUCCESS")
+        move_into_place(self.fs, staged, dest)
+        mark_published(self.fs, dest, {"version": version})
+        return True
+
+    def champion_before(self, version: str) -> dict[str, Any] | None:
+        """The champion that ``version``'s night competes with: the current one, or, when ``version`` is
+        itself the champion (a forced rerun of its night), the one it replaced, if that is still stored."""
+        current = self.champion()
+        if current is None or current["version"] != version:
+            return current
+        earlier = [h for h in current.get("history", []) if h["version"] != version]
+        for entry in reversed(earlier):
+            if is_published(self.fs, self.version_path(entry["version"])):
+                return {"version": entry["version"], "test_accuracy": entry["test_accuracy"]}
+        return None
 
     def set_champion(self, version: str, accuracy: float, run_id: str) -> None:
         """Replace champion.json in one rename (local) / one object write (S3): readers see old or new."""
@@ -66,34 +91,44 @@ class ModelStore:
             *previous.get("history", []),
             {"version": version, "test_accuracy": accuracy, "run": run_id},
         ]
-        from dlbatch.store import write_json
-
         write_json(self.fs, f"{self.root}/champion.json", {
             "version": version, "test_accuracy": accuracy, "promoted_at_run": run_id, "history": history[-50:],
         })  # fmt: skip
 
+    def clear_champion(self) -> None:
+        """No champion (a forced rerun of the first night produced a model below the quality floor)."""
+        remove_if_exists(self.fs, f"{self.root}/champion.json")
+
+    @staticmethod
     def decide(
-        self, version: str, candidate_acc: float, champion_acc_same_test: float | None, tolerance: float
+        version: str,
+        candidate_acc: float,
+        rival: dict[str, Any] | None,
+        rival_acc_same_test: float | None,
+        tolerance: float,
+        floor_failure: str | None = None,
     ) -> Decision:
-        current = self.champion()
-        if current is None:
+        """Promotion of ``version`` against ``rival`` (``champion_before``), re-measured on the same test
+        data. ``floor_failure``: why the candidate is below the quality floor; it is then never promoted."""
+        rival_version = rival["version"] if rival else None
+        if floor_failure:
+            return Decision(
+                False, rival_version, floor_failure, candidate_acc, rival_version, rival_acc_same_test
+            )
+        if rival is None:
             return Decision(True, version, "no champion yet", candidate_acc)
-        if current["version"] == version:
-            return Decision(True, version, "already champion", candidate_acc, version, champion_acc_same_test)
-        floor = champion_acc_same_test - tolerance
+        floor = rival_acc_same_test - tolerance
         if candidate_acc >= floor:
             reason = (
-                f"test accuracy {candidate_acc:.2%} >= champion {current['version']}'s {champion_acc_same_test:.2%} "
+                f"test accuracy {candidate_acc:.2%} >= champion {rival_version}'s {rival_acc_same_test:.2%} "
                 f"- tolerance {tolerance:.2%}"
             )
-            return Decision(True, version, reason, candidate_acc, current["version"], champion_acc_same_test)
+            return Decision(True, version, reason, candidate_acc, rival_version, rival_acc_same_test)
         reason = (
-            f"kept champion {current['version']}: test accuracy {candidate_acc:.2%} < its {champion_acc_same_test:.2%} "
+            f"kept champion {rival_version}: test accuracy {candidate_acc:.2%} < its {rival_acc_same_test:.2%} "
             f"- tolerance {tolerance:.2%} on the same test data"
         )
-        return Decision(
-            False, current["version"], reason, candidate_acc, current["version"], champion_acc_same_test
-        )
+        return Decision(False, rival_version, reason, candidate_acc, rival_version, rival_acc_same_test)
 
     def apply_retention(self, keep: int) -> list[str]:
         """Delete all but the newest ``keep`` versions; never the champion. Returns what was deleted."""

@@ -89,23 +89,50 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+VERDICTS = {
+    "promoted": "Promoted",
+    "kept_champion": "Kept the champion",
+    "below_floor": "Below the quality floor",
+    "trained": "Trained",
+}
+
+
 def render_report(summary: dict[str, Any], previous: dict[str, Any] | None = None) -> str:
     """HTML for one task's run summary (``summary.json``), compared with the previous night's if given."""
     metrics = summary.get("metrics", {})
     names = metrics.get("label_names", [])
     parts = [f"<h1>dlbatch {html.escape(summary['task'])} — {html.escape(summary['run_id'])}</h1>"]
+    verdict = summary.get("verdict")
+    if verdict:  # the night at a glance: what happened and why, in one sentence
+        title = VERDICTS.get(verdict["status"], verdict["status"])
+        parts.append(
+            f"<p id='verdict' class='{html.escape(verdict['status'])}'><b>{html.escape(title)}</b>: "
+            f"{html.escape(verdict['reason'])}.</p>"
+        )
     acc = summary.get("test_accuracy")
     prev_acc = (previous or {}).get("test_accuracy")
     line = f"test accuracy <b id='test-accuracy'>{acc:.2%}</b>" if acc is not None else "no evaluation"
     if prev_acc is not None and acc is not None:
         line += f" (previous night {html.escape(previous['run_id'])}: {prev_acc:.2%}, change {100 * (acc - prev_acc):+.2f} points)"
+    quality = metrics.get("quality")
+    if quality:
+        line += (
+            f"; baselines on the same rows: majority class {quality['majority_accuracy']:.2%}, chance "
+            f"{quality['chance_accuracy']:.2%}, quality floor {quality['floor']:.2%}"
+        )
     parts.append(f"<p>{line}</p>")
     promotion = metrics.get("promotion")
     if promotion:
-        verdict = "promoted" if promotion["promoted"] else "not promoted"
+        decided = "promoted" if promotion["promoted"] else "not promoted"
+        scored = promotion["champion_version"]
+        then = f"Scored with champion {html.escape(scored)}." if scored else "No predictions published."
+        forced = (
+            " force=true: this night's stored version was replaced."
+            if promotion.get("replaced_version")
+            else ""
+        )
         parts.append(
-            f"<p id='promotion'>Model {verdict}: {html.escape(promotion['reason'])}. "
-            f"Scored with champion {html.escape(promotion['champion_version'])}.</p>"
+            f"<p id='promotion'>Model {decided}: {html.escape(promotion['reason'])}. {then}{forced}</p>"
         )
     if summary.get("history"):
         parts.append(

@@ -12,7 +12,7 @@ import re
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import pyarrow.fs as pafs
 from dlbatch.cluster import ensure_ray
 from dlbatch.config import JobConfig, Task, load_config
 from dlbatch.data import resolve_path
-from dlbatch.errors import DlbatchError
+from dlbatch.errors import DlbatchError, QualityError
 from dlbatch.pipeline import (
     TaskData,
     TaskResult,
@@ -32,6 +32,7 @@ from dlbatch.pipeline import (
     predict_scores,
     train_model,
 )
+from dlbatch.quality import describe as describe_quality
 from dlbatch.registry import ModelStore
 from dlbatch.report import render_report
 from dlbatch.store import (
@@ -43,6 +44,7 @@ from dlbatch.store import (
     run_paths,
     write_json,
 )
+from dlbatch.tracking import log_night
 
 log = logging.getLogger("dlbatch")
 
@@ -107,12 +109,14 @@ def _previous_summary(paths: RunPaths) -> dict[str, Any] | None:
     return None
 
 
-def _write_task_summary(paths: RunPaths, summary: dict[str, Any]) -> None:
+def _write_task_summary(paths: RunPaths, summary: dict[str, Any]) -> str:
     summary["paths"]["summary"] = paths.uri("summary.json")
     summary["paths"]["report"] = paths.uri("report.html")
     write_json(paths.fs, paths.path("summary.json"), summary)
+    page = render_report(summary, _previous_summary(paths))
     with paths.fs.open_output_stream(paths.path("report.html")) as out:
-        out.write(render_report(summary, _previous_summary(paths)).encode())
+        out.write(page.encode())
+    return page
 
 
 def _forget_run(paths: RunPaths) -> None:
@@ -148,57 +152,127 @@ def _prune_checkpoints(cfg: JobConfig, paths: RunPaths) -> list[str]:
     return doomed
 
 
-def train_and_evaluate(cfg: JobConfig, task: Task, infos: dict) -> dict[str, Any]:
+@dataclass
+class _Prepared:
+    """A task past its data checks, ready to train (or already finished: ``done``)."""
+
+    paths: RunPaths
+    result: TaskResult
+    data: TaskData | None = None
+    done: dict[str, Any] | None = None
+    seconds: float = 0.0
+
+
+def prepare_task(cfg: JobConfig, task: Task, infos: dict) -> _Prepared:
+    """``force`` forgets the run; a finished nightly run is not redone; otherwise the label map (and the
+    tokenizer) are learned from the training split, which checks its label values."""
     started = time.perf_counter()
     paths = _paths(cfg, task)
+    result = TaskResult(task=task, run_id=paths.run_id)
     if cfg.force:
         _forget_run(paths)
     elif "score" in infos and is_published(paths.fs, paths.path()):
         log.info("%s: run %s already finished; not redone (force=true to redo)", task, paths.run_id)
-        return {**read_json(paths.fs, paths.path("summary.json")), "skipped": True}
-    result = TaskResult(task=task, run_id=paths.run_id)
+        done = {**read_json(paths.fs, paths.path("summary.json")), "skipped": True}
+        return _Prepared(paths, result, done=done)
     data = learn_from_train(cfg, task, infos, paths)
+    return _Prepared(paths, result, data, seconds=time.perf_counter() - started)
+
+
+def train_and_evaluate(cfg: JobConfig, task: Task, infos: dict, prepared: _Prepared | None = None) -> dict:
+    prepared = prepared or prepare_task(cfg, task, infos)
+    if prepared.done is not None:
+        return prepared.done
+    started = time.perf_counter() - prepared.seconds
+    paths, result, data = prepared.paths, prepared.result, prepared.data
     model_uri = train_model(cfg, task, data, paths, result)
     result.metrics["deleted_checkpoint_runs"] = _prune_checkpoints(cfg, paths)
     evaluate_model(cfg, task, data, model_uri, paths, result)
+    result.metrics["label_variants"] = data.meta.get("label_variants", [])
+    quality = result.metrics["quality"]
+    floor_failure = None if quality["passed"] else describe_quality(quality)
     if "score" in infos:
-        champion_uri, champion_version = promote(cfg, task, data, paths, result)
-        predict_scores(cfg, task, data, champion_uri, paths, result, model_version=champion_version)
-    summary = _task_summary(result, started, cfg)
-    _write_task_summary(paths, summary)
+        champion = promote(cfg, task, data, paths, result, floor_failure)
+        if champion is not None:
+            predict_scores(cfg, task, data, champion[0], paths, result, model_version=champion[1])
+        verdict = _night_verdict(result.metrics["promotion"], floor_failure)
+    else:
+        verdict = {"status": "below_floor", "reason": floor_failure} if floor_failure else {
+            "status": "trained", "reason": f"test accuracy {result.metrics['test_accuracy']:.2%}; not promoted "
+            "by this job (jobs/nightly.py promotes)"}  # fmt: skip
+    summary = {"verdict": verdict, **_task_summary(result, started, cfg)}
+    page = _write_task_summary(paths, summary)
     if "score" in infos:
         mark_published(paths.fs, paths.path(), {"run_id": paths.run_id})  # the whole nightly run is done
+    log_night(cfg, summary, paths, page)  # after everything is published: it can only cost a warning
     return summary
 
 
-def promote(cfg: JobConfig, task: Task, data, paths: RunPaths, result: TaskResult) -> tuple[str, str]:
-    """Store this run's model as a version, apply the promotion gate, return the champion to score with."""
+def _night_verdict(promotion: dict[str, Any], floor_failure: str | None) -> dict[str, str]:
+    scored = promotion["champion_version"]
+    if floor_failure:
+        then = f"scored with champion {scored}" if scored else "no predictions published (no champion yet)"
+        return {"status": "below_floor", "reason": f"{floor_failure}; not promoted, {then}"}
+    if promotion["promoted"]:
+        return {"status": "promoted", "reason": f"promoted: {promotion['reason']}"}
+    return {"status": "kept_champion", "reason": promotion["reason"]}
+
+
+def promote(
+    cfg: JobConfig, task: Task, data, paths: RunPaths, result: TaskResult, floor_failure: str | None = None
+) -> tuple[str, str] | None:
+    """Store this run's model as a version, apply the promotion gate, return the champion to score with
+    (uri, model_version), or None when there is none."""
     store = ModelStore(paths)
     version = paths.run_date
-    store.add_version(version, paths.path("model"))
     current = store.champion()
-    champion_acc = None
-    if current and current["version"] != version:
+    rival = store.champion_before(version)
+    replaced = store.add_version(version, paths.path("model"), replace=cfg.force)
+    rival_acc = None
+    if rival is not None and floor_failure is None:
         # Re-measured on tonight's test data: last night's number was on other data.
-        champion_acc = accuracy_on_test(task, data, store.version_uri(current["version"]), paths)
-    decision = store.decide(version, result.metrics["test_accuracy"], champion_acc, cfg.promotion_tolerance)
-    if decision.promoted and (current or {}).get("version") != version:
+        rival_acc = accuracy_on_test(task, data, store.version_uri(rival["version"]), paths)
+    decision = store.decide(
+        version, result.metrics["test_accuracy"], rival, rival_acc, cfg.promotion_tolerance, floor_failure
+    )
+    is_champion = (current or {}).get("version") == version
+    if decision.promoted and (replaced or not is_champion):
         store.set_champion(version, result.metrics["test_accuracy"], paths.run_id)
+    elif not decision.promoted and is_champion:
+        # A forced rerun replaced the champion's own night with a worse model: back to the one before it.
+        if rival is None:
+            store.clear_champion()
+        else:
+            store.set_champion(rival["version"], rival["test_accuracy"], paths.run_id)
     deleted = store.apply_retention(cfg.keep_versions)
     log.info("%s: %s%s", task, "promoted" if decision.promoted else "not promoted", f" ({decision.reason})")
-    result.metrics["promotion"] = {**decision.as_dict(), "deleted_versions": deleted}
+    result.metrics["promotion"] = {
+        **decision.as_dict(), "deleted_versions": deleted, "replaced_version": bool(replaced and cfg.force)
+    }  # fmt: skip
+    if decision.champion_version is None:
+        return None
     result.paths["champion"] = store.version_uri(decision.champion_version)
     return store.version_uri(decision.champion_version), f"{task}-{decision.champion_version}"
 
 
+def _check_quality(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """After every task has written its outputs: a model below the quality floor fails the job."""
+    failed = [s for s in summaries if s.get("verdict", {}).get("status") == "below_floor"]
+    if failed:
+        raise QualityError("; ".join(f"{s['task']}: {s['verdict']['reason']}" for s in failed), summaries)
+    return summaries
+
+
 def _train_tasks(cfg: JobConfig, splits: tuple[str, ...]) -> list[dict[str, Any]]:
-    # Every split of every task is checked before Ray starts or any training runs.
+    # Every split of every task is checked from its Parquet footers before Ray starts, and every task's
+    # label values (and tokenizer) before any task trains: a bad second task fails before the first trains.
     infos = {task: inspect_task(cfg, task, splits) for task in cfg.tasks}
     for task in cfg.tasks:
         rows = ", ".join(f"{s} {i.num_rows:,} rows in {len(i.files)} file(s)" for s, i in infos[task].items())
         log.info("plan: %s for %s: %s", task, cfg.effective_run_date(), rows)
     ensure_ray(cfg)
-    return [train_and_evaluate(cfg, task, infos[task]) for task in cfg.tasks]
+    prepared = {task: prepare_task(cfg, task, infos[task]) for task in cfg.tasks}
+    return _check_quality([train_and_evaluate(cfg, task, infos[task], prepared[task]) for task in cfg.tasks])
 
 
 def run_train(cfg: JobConfig) -> list[dict[str, Any]]:
@@ -209,23 +283,35 @@ def run_nightly(cfg: JobConfig) -> list[dict[str, Any]]:
     return _train_tasks(cfg, ("train", "val", "test", "score"))
 
 
+def _scoring_model(cfg: JobConfig, task: Task, model: str | None) -> tuple[str, str]:
+    """``--model`` as given, or the task's champion: never a model the promotion gate did not promote."""
+    paths = _paths(cfg, task)
+    if model is not None:
+        return model, model  # model_version names the model as it was asked for
+    store = ModelStore(paths)
+    champion = store.champion()
+    if champion is None:
+        raise DlbatchError(
+            f"{task}: no champion in {store.uri_root} yet (jobs/nightly.py promotes one); to score with a "
+            f"model of your choice pass --model, e.g. --model {paths.uri('model')}"
+        )
+    return store.version_uri(champion["version"]), f"{task}-{champion['version']}"
+
+
 def run_predict(cfg: JobConfig, model: str | None = None) -> list[dict[str, Any]]:
-    """Score each task's score split with ``model`` (default: the model trained for this run date)."""
+    """Score each task's score split with its champion, or with ``model`` (any model directory or URI;
+    the predictions' ``model_version`` is then that path or URI)."""
     infos = {task: inspect_task(cfg, task, ("score",)) for task in cfg.tasks}
-    for task in cfg.tasks:
-        paths = _paths(cfg, task)
-        if model is None and not is_published(paths.fs, paths.path("model")):
-            raise DlbatchError(
-                f"{task}: no trained model at {paths.uri('model')}; run jobs/train.py first or pass --model"
-            )
+    chosen = {task: _scoring_model(cfg, task, model) for task in cfg.tasks}
     ensure_ray(cfg)
     summaries = []
     for task in cfg.tasks:
         started = time.perf_counter()
         paths = _paths(cfg, task)
-        model_uri = model or paths.uri("model")
+        model_uri, version = chosen[task]
         result = TaskResult(task=task, run_id=paths.run_id)
-        predict_scores(cfg, task, TaskData(splits=infos[task], meta={}), model_uri, paths, result)
+        data = TaskData(splits=infos[task], meta={})
+        predict_scores(cfg, task, data, model_uri, paths, result, model_version=version)
         result.paths["model"] = model_uri
         summaries.append(_task_summary(result, started, cfg))
     return summaries
@@ -241,11 +327,16 @@ def format_summary(summaries: list[dict[str, Any]]) -> str:
         )
         lines.append(f"[{s['task']}] {acc_text} | {rows} | {s['durations_s']['total']:.0f}s")
         promotion = s.get("metrics", {}).get("promotion")
-        if promotion:
+        if s.get("verdict", {}).get("status") == "below_floor":
+            lines.append(f"  BELOW THE QUALITY FLOOR: {s['verdict']['reason']}")
+        elif promotion:
             verdict = "promoted" if promotion["promoted"] else "NOT promoted"
             lines.append(
                 f"  model {verdict}: {promotion['reason']}; scored with {promotion['champion_version']}"
             )
+        if promotion and promotion.get("replaced_version"):
+            lines.append(f"  force=true: this night's model replaced version {s['run_id'].split('-', 1)[1]} "
+                         "in the model store and was decided again")  # fmt: skip
         for key in ("predictions", "model", "summary", "report"):
             if key in s["paths"]:
                 lines.append(f"  {key}: {s['paths'][key]}")
@@ -279,6 +370,11 @@ def main(
         overrides += ["verbose=true"] if args.verbose else []
         cfg = load_config(args.config, overrides)
         summaries = run(cfg, args.model) if with_model else run(cfg)
+    except QualityError as err:  # the night's outputs are written; its summary still ends the log
+        _stop_ray()
+        print(format_summary(err.summaries))
+        print(f"dlbatch: error: {err}", file=sys.stderr)
+        return 3
     except DlbatchError as err:
         print(f"dlbatch: error: {err}", file=sys.stderr)
         return 2
@@ -286,12 +382,16 @@ def main(
         log.debug("failure", exc_info=True)
         print(f"dlbatch: error: {_root_cause(err)}", file=sys.stderr)
         return 1
+    _stop_ray()
+    print(format_summary(summaries))
+    return 0
+
+
+def _stop_ray() -> None:
     import ray
 
     if ray.is_initialized():
         ray.shutdown()  # flush and stop Ray's log streaming so the summary is the last thing printed
-    print(format_summary(summaries))
-    return 0
 
 
 class _OneLineErrors(argparse.ArgumentParser):

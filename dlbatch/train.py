@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import tempfile
 import time
 import warnings
@@ -148,6 +149,10 @@ def compile_errors(kind: str, compiled: bool = True):
         ) from None
 
 
+def _finite_weights(model: torch.nn.Module) -> bool:
+    return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())
+
+
 def _sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
     if not (dist.is_available() and dist.is_initialized()):
         return values
@@ -213,7 +218,7 @@ def _quiet_worker_logs() -> None:
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
 
 
-def train_loop_per_worker(cfg: dict[str, Any]) -> None:
+def train_loop_per_worker(cfg: dict[str, Any]) -> dict[str, Any] | None:
     """Ray Train entry point. ``cfg``: kind, model_args, train settings, run id, checkpoint metadata (plain
     data). The datasets come from the trainer: ``train`` split into equal shards, ``val`` whole."""
     import ray.train
@@ -268,6 +273,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 "step": step,
                 "train_loss": partial["loss_sum"] / max(partial["seen"], 1),
             }
+            if not math.isfinite(metrics["train_loss"]):
+                return  # never checkpoint a diverged model; the epoch's end stops the fit
             report(metrics, {"epoch": epoch, "step": step, "partial": partial})
             if rank == 0:
                 _warn_if_too_frequent(last_mid_epoch_checkpoint)
@@ -314,6 +321,13 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             if sums.first_batch_at
             else None,
         }
+        # Decided together (rank 0 alone validates and holds the weights it checks): a NaN or infinite
+        # loss ends the fit on every rank, with no checkpoint, so nothing non-finite is ever published.
+        finite = math.isfinite(metrics["train_loss"]) and (
+            rank != 0 or (math.isfinite(metrics["val_loss"]) and _finite_weights(raw_model))
+        )
+        if _sum_over_ranks([0.0 if finite else 1.0], device)[0]:
+            return {"diverged": metrics}  # rank 0's return value reaches the driver (Result.return_value)
         history.append(metrics)
         if rank == 0:
             left = (tcfg["epochs"] - epoch - 1) * metrics["epoch_s"]

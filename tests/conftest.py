@@ -19,6 +19,9 @@ def ray_cluster():
     ray.init(
         address="local",  # a new private cluster, never one that happens to run on this host
         num_cpus=6,
+        # Logical GPUs, no CUDA: the GPU inference layout (an actor per GPU) is scheduled and run as on a
+        # GPU node, with the model on CPU inside the actor (tests/test_pipeline.py).
+        num_gpus=2,
         include_dashboard=True,
         dashboard_host="127.0.0.1",
         logging_level="WARNING",
@@ -45,6 +48,48 @@ def config_for(tmp_path, task: str, demo_paths: dict, *overrides: str):
     return load_config(
         None, [f"tasks=[{task}]", f"output_root={tmp_path}", "run_date=2026-11-25", *data, *overrides]
     )
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real MLflow tracking server on loopback (SQLite backend, a local artifact root), stopped
+    afterwards. Yields (tracking URI, a function that stops it early)."""
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    root = tmp_path / "mlflow"
+    root.mkdir()
+    log = open(root / "server.log", "wb")  # noqa: SIM115 (closed below)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination",
+         str(root / "artifacts"), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+
+    def stop() -> None:
+        if server.poll() is None:
+            os.killpg(server.pid, 15)
+            server.wait(timeout=30)
+
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as reply:
+                if reply.status == 200:
+                    break
+        except OSError:
+            pass
+        assert server.poll() is None and time.time() < deadline, (root / "server.log").read_text()[-3000:]
+        time.sleep(0.5)
+    yield uri, stop
+    stop()
+    log.close()
 
 
 def fresh_python(code: str) -> str:

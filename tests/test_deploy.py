@@ -44,3 +44,27 @@ def test_cronjob_creates_one_dated_rayjob_per_night():
     container = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
     script = " ".join(container["args"])
     assert "kubectl create" in script and "date -u +%F" in script and "/manifests/rayjob.yaml" in script
+
+
+def test_the_image_the_manifests_run_is_built_on_the_ray_version_they_pin():
+    import re
+
+    import tomllib
+
+    root = DEPLOY.parent
+    base = re.search(r"^FROM rayproject/ray:(\S+)", (root / "Dockerfile").read_text(), re.M)
+    assert base, "the Dockerfile builds on Ray's official image"
+    tag = base.group(1)
+    image_version = tag.split("-")[0]
+    assert tag.endswith("-gpu") and "-py311" in tag  # the GPU variant, the Python the suite runs on
+    ray_version = _load("rayjob.yaml")["spec"]["rayClusterSpec"]["rayVersion"]
+    assert image_version == ray_version
+    [requirement] = [
+        d
+        for d in tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+        if d.startswith("ray[")
+    ]
+    low = re.search(r">=\s*([\d.]+)", requirement).group(1)
+    high = re.search(r"<\s*([\d.]+)", requirement).group(1)
+    as_tuple = lambda v: tuple(int(p) for p in v.split("."))  # noqa: E731
+    assert as_tuple(low) <= as_tuple(image_version) < as_tuple(high), (requirement, image_version)

@@ -72,7 +72,7 @@ def test_dirty_image_data_is_routed_to_rejects_and_conserved(ray_cluster, tmp_pa
     overrides = [f"image.data.{s}={p}" for s, p in splits.items()] + [
         "tasks=[image]", f"output_root={tmp_path / 'out'}", "run_date=2026-11-25",
         "image.data.partition={dt: '2026-11-25'}", "image.data.label_column=digit", "image.data.num_classes=10",
-        "image.image.column=img", "image.train.epochs=1", "image.train.num_workers=1",
+        "image.image.column=img", "image.train.epochs=1", "image.train.num_workers=1", "quality_margin=0",
     ]  # fmt: skip
     [summary] = run_nightly(load_config(None, overrides))
 
@@ -155,20 +155,53 @@ def test_too_many_rejects_fail_the_run_after_writing_them(ray_cluster, tmp_path)
     assert sorted(rejects["id"].to_pylist()) == [f"doc-{i:07d}" for i in range(0, 200, 5)]
 
 
-def test_job_reports_a_bad_dataset_in_one_line_before_starting_ray(tmp_path):
+def test_a_bad_second_task_fails_the_job_in_one_line_before_ray_starts(demo_root, tmp_path):
+    """Both tasks configured, the image task's data fine, the text task's training file not Parquet."""
     bad = tmp_path / "train.parquet"
     bad.write_bytes(b"PAR1 this is not really parquet")
+    good = demo_root["text"]
+    image = [f"image.data.{s}={p}" for s, p in demo_root["image"].items()]
     done = subprocess.run(
-        [sys.executable, "jobs/train.py", "tasks=[text]", f"text.data.train={bad}", f"text.data.val={bad}",
-         f"text.data.test={bad}", f"output_root={tmp_path}"],
+        [sys.executable, "jobs/nightly.py", "tasks=[image,text]", *image, f"text.data.train={bad}",
+         f"text.data.val={good['val']}", f"text.data.test={good['test']}", f"text.data.score={good['score']}",
+         f"output_root={tmp_path / 'out'}"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 2
-    err_lines = [line for line in done.stderr.splitlines() if line.strip() and " INFO " not in line]
-    assert err_lines == [
-        f"dlbatch: error: {bad}: not a readable Parquet file ({err_lines[0].split('(', 1)[1]}"
+    assert done.stderr.strip().splitlines() == [
+        f"dlbatch: error: {bad}: not a readable Parquet file (Parquet magic bytes not found in footer. "
+        "Either the file is corrupted or this is not a parquet file.)"
     ]
     assert "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()  # nothing started, nothing written: not even the image task's
+
+
+def test_a_second_task_whose_labels_are_out_of_range_fails_before_the_first_trains(
+    ray_cluster, demo_root, tmp_path
+):
+    """Label values are checked with Ray Data (not from the footers), still before any task trains."""
+    table = pq.read_table(demo_root["text"]["train"])
+    labels = [0] * (table.num_rows - 1) + [7]
+    bad = tmp_path / "text-train"
+    bad.mkdir()
+    pq.write_table(
+        table.drop(["label"]).append_column("label", pa.array(labels, pa.int64())), bad / "p.parquet"
+    )
+    text = {**demo_root["text"], "train": bad}
+    cfg = load_config(None, [
+        "tasks=[image,text]", f"output_root={tmp_path / 'out'}", "run_date=2026-11-25", "text.data.num_classes=4",
+        *[f"image.data.{s}={p}" for s, p in demo_root["image"].items()],
+        *[f"text.data.{s}={p}" for s, p in text.items()],
+    ])  # fmt: skip
+    with pytest.raises(DataError) as err:
+        run_nightly(cfg)
+    assert str(err.value) == (
+        f"{bad}: column 'label' has labels in 0..7, outside the configured 4 classes (0..3)"
+    )
+    assert not (
+        tmp_path / "out" / "ray_results" / "image-2026-11-25"
+    ).exists()  # the image task never trained
+    assert not (tmp_path / "out" / "runs" / "2026-11-25" / "image" / "model").exists()
 
 
 def test_train_labels_outside_the_configured_classes_fail_fast(ray_cluster, tmp_path):

@@ -149,11 +149,13 @@ def test_prediction_job_killed_midway_leaves_nothing_visible_then_rerun_keeps_fi
     Readers see nothing; the rerun keeps the finished part, scores the rest and publishes every row once."""
     cfg, out, _, _, _ = trained_text
     score = write_score_split(tmp_path / "score-big", 40_000)  # 8 files of 5,000 rows
-    run_dir = out / "runs" / RUN_DATE / "text"
+    # A run date of its own (the model named with --model): the other scoring tests leave it alone.
+    date, model = "2026-11-26", out / "runs" / RUN_DATE / "text" / "model"
+    run_dir = out / "runs" / date / "text"
     args = ["tasks=[text]", f"output_root={out}", f"text.data.score={score}", "text.predict.batch_size=256",
             "text.predict.rows_per_part=10000"]  # fmt: skip
     job = subprocess.Popen(
-        [sys.executable, "jobs/predict.py", f"--run-date={RUN_DATE}", *args],
+        [sys.executable, "jobs/predict.py", f"--run-date={date}", f"--model={model}", *args],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     deadline = time.time() + 240
@@ -171,7 +173,7 @@ def test_prediction_job_killed_midway_leaves_nothing_visible_then_rerun_keeps_fi
 
     from dlbatch.config import load_config
 
-    [summary] = run_predict(load_config(None, [f"run_date={RUN_DATE}", *args]))
+    [summary] = run_predict(load_config(None, [f"run_date={date}", *args]), model=str(model))
     assert summary["metrics"]["score_parts"] == {"parts": 4, "reused": len(finished)}
     assert summary["rows"]["score"] == {"read": 40_000, "used": 40_000, "rejected": 0}
     ids = pads.dataset(run_dir / "predictions", format="parquet").to_table(columns=["id"])["id"].to_pylist()
@@ -192,21 +194,21 @@ def test_inference_process_killed_output_is_still_exact(trained_text, tmp_path, 
     score = write_score_split(tmp_path / "score-big", 40_000)
     from dlbatch.config import load_config
 
-    overrides = [f"run_date={RUN_DATE}", "tasks=[text]", f"output_root={out}", f"text.data.score={score}",
-                 "text.predict.batch_size=128", "force=true", f"text.predict.compute={compute}"]  # fmt: skip
-    staging = out / "runs" / RUN_DATE / "text" / "_staging"
+    date = {"actors": "2026-11-27", "tasks": "2026-11-28"}[compute]  # its own: no test sees another's output
+    overrides = [f"run_date={date}", "tasks=[text]", f"output_root={out}", f"text.data.score={score}",
+                 "text.predict.batch_size=128", f"text.predict.compute={compute}"]  # fmt: skip
+    staging = out / "runs" / date / "text" / "_staging"
     state: dict = {}
     # Kill once some predictions are written: the model is loaded and batches are done and in flight.
     killer = kill_process_when(
         title, lambda: bool(list(staging.glob("score-parts/*/*.parquet"))), state, new_processes_only=False
     )
-    [summary] = run_predict(load_config(None, overrides))
+    model = str(out / "runs" / RUN_DATE / "text" / "model")  # run_train's model: no champion to default to
+    [summary] = run_predict(load_config(None, overrides), model=model)
     killer.join(timeout=1)
     assert "killed_pid" in state, f"no {compute} process was killed: the test did not test anything"
     assert summary["rows"]["score"] == {"read": 40_000, "used": 40_000, "rejected": 0}
     ids = (
-        pads.dataset(out / "runs" / RUN_DATE / "text" / "predictions")
-        .to_table(columns=["id"])["id"]
-        .to_pylist()
+        pads.dataset(out / "runs" / date / "text" / "predictions").to_table(columns=["id"])["id"].to_pylist()
     )
     assert len(ids) == len(set(ids)) == 40_000

@@ -26,8 +26,10 @@ def _job(*args: str, timeout: int = 600) -> tuple[int, str]:
 @pytest.fixture(scope="module")
 def demo_night(ray_cluster, tmp_path_factory):
     out = tmp_path_factory.mktemp("night")
-    code, log = _job("jobs/nightly.py", f"output_root={out}", "demo_rows=300", "--run-date", "2026-11-25",
-                     "image.train.epochs=2", "text.train.epochs=2")  # fmt: skip
+    # Small batches: enough steps on 600 rows for models well above the quality floor (else exit 3).
+    code, log = _job("jobs/nightly.py", f"output_root={out}", "demo_rows=600", "--run-date", "2026-11-25",
+                     "image.train.epochs=2", "text.train.epochs=2", "image.train.batch_size=16",
+                     "text.train.batch_size=16")  # fmt: skip
     return out, code, log
 
 
@@ -37,13 +39,15 @@ def test_the_demo_night_logs_its_plan_stages_epochs_and_summary_and_nothing_else
     lines = log.splitlines()
     for task in ("image", "text"):
         assert any(f"plan: {task} for 2026-11-25: train " in line for line in lines), task
-        assert any(f"{task}: preprocessed train 300 rows (0 rejected), val 50 rows" in line for line in lines)
+        assert any(
+            f"{task}: preprocessed train 600 rows (0 rejected), val 100 rows" in line for line in lines
+        )
         assert sum(f"[{task}] epoch " in line for line in lines) == 2
         assert any(f"{task}: trained 2 epochs in " in line for line in lines)
         assert any(
-            f"{task}: test accuracy " in line and " on test 50 rows (0 rejected)" in line for line in lines
+            f"{task}: test accuracy " in line and " on test 100 rows (0 rejected)" in line for line in lines
         )
-        assert any(f"{task}: scored score 100 rows (0 rejected) in " in line for line in lines)
+        assert any(f"{task}: scored score 200 rows (0 rejected) in " in line for line in lines)
         assert any(line.startswith(f"[{task}] test accuracy ") for line in lines)  # the summary
     assert any("local Ray: " in line for line in lines)
     assert [line for line in lines if any(banner in line for banner in BANNERS)] == []
@@ -58,8 +62,8 @@ def test_the_demo_night_logs_its_plan_stages_epochs_and_summary_and_nothing_else
 def test_verbose_brings_ray_datas_banners_back(demo_night):
     out, _, _ = demo_night
     # The night is published: training is skipped, but the data checks and evaluation still run Ray Data.
-    code, log = _job("jobs/train.py", "--verbose", f"output_root={out}", "tasks=[text]", "demo_rows=300",
-                     "--run-date=2026-11-25")  # fmt: skip
+    code, log = _job("jobs/train.py", "--verbose", f"output_root={out}", "tasks=[text]", "demo_rows=600",
+                     "text.train.batch_size=16", "--run-date=2026-11-25")  # fmt: skip
     assert code == 0, log[-3000:]
     assert "already trained" in log
     assert any(banner in log for banner in BANNERS)

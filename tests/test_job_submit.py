@@ -65,7 +65,8 @@ def test_ray_job_submit_runs_the_nightly_job(ray_head, tmp_path):
     cmd = [
         ray_bin, "job", "submit", f"--address={address}", "--submission-id=dlbatch-test-2026-11-25",
         f"--working-dir={REPO}", "--", "python", "jobs/nightly.py", "--run-date=2026-11-25",
-        "tasks=[text]", "demo_rows=600", "text.train.epochs=1", "text.train.num_workers=1", f"output_root={out}",
+        "tasks=[text]", "demo_rows=600", "text.train.epochs=1", "text.train.num_workers=1",
+        "text.train.batch_size=16", f"output_root={out}",
     ]  # fmt: skip
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=REPO)
     log = done.stdout + done.stderr

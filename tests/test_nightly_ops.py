@@ -1,9 +1,11 @@
-"""Three nights: a model is promoted, a worse one is not (scoring keeps the champion), and a trigger that
-fires twice does the work once."""
+"""Nights in a row: a model below the quality floor is never promoted (and the night fails), a good one is,
+force=true redoes a night in the model store too, scoring keeps to the champion, and a trigger that fires
+twice does the work once."""
 
 import base64
 import io
 import json
+import logging
 import re
 import shutil
 import subprocess
@@ -12,13 +14,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 
+from dlbatch.checkpoint import MODEL_FILE
 from dlbatch.config import load_config
-from dlbatch.runner import run_nightly
+from dlbatch.errors import DlbatchError, QualityError
+from dlbatch.runner import run_nightly, run_predict
 
 
-def _cfg(out, paths, date, *extra):
+def _night_cfg(out, paths, date, *extra):
     data = [f"text.data.{s}={p}" for s, p in paths.items()]
     return load_config(
         None,
@@ -40,37 +45,89 @@ def _model_versions(run_dir):
     return set(preds["model_version"].to_pylist())
 
 
-def test_three_nights_promotion_gate_and_idempotent_trigger(ray_cluster, demo_root, tmp_path):
+def _scrambled(tmp_path, train_dir):
+    """The training split with its labels permuted: a model of it can learn the class prior at most."""
+    table = pq.read_table(train_dir)
+    shuffled = np.random.default_rng(0).permutation(table["label"].to_pylist())
+    out = tmp_path / "scrambled-train"
+    if not out.exists():
+        out.mkdir()
+        pq.write_table(
+            table.set_column(table.schema.get_field_index("label"), "label", pa.array(shuffled)),
+            out / "p.parquet",
+        )
+    return {"train": str(out)}
+
+
+def _below_floor(cfg) -> dict:
+    with pytest.raises(QualityError) as err:
+        run_nightly(cfg)
+    [summary] = err.value.summaries
+    assert summary["verdict"]["status"] == "below_floor"
+    assert str(err.value) == f"text: {summary['verdict']['reason']}"
+    return summary
+
+
+def _champion(out) -> str | None:
+    path = out / "models/text/champion.json"
+    return json.loads(path.read_text())["version"] if path.exists() else None
+
+
+def _weights(model_dir) -> bytes:
+    return (model_dir / MODEL_FILE).read_bytes()
+
+
+def test_nights_quality_floor_promotion_gate_force_mlflow_and_idempotent_trigger(
+    ray_cluster, demo_root, tmp_path, mlflow_server, caplog
+):
+    """Every night is also tracked in a real MLflow server (runs, metrics, artifacts, a model version per
+    night, the champion alias); at the end the server is stopped and the night still finishes."""
+    from mlflow import MlflowClient
+
+    uri, stop_mlflow = mlflow_server
+    mlflow = MlflowClient(uri)
     out = tmp_path / "out"
     good = demo_root["text"]
+    bad = {**good, **_scrambled(tmp_path, good["train"])}
+    night1_dir = out / "runs/2026-11-23/text"
 
-    [night1] = run_nightly(_cfg(out, good, "2026-11-23", "text.train.epochs=2"))
-    assert (
-        night1["metrics"]["promotion"]["promoted"]
-        and night1["metrics"]["promotion"]["reason"] == "no champion yet"
+    def _cfg(out, paths, date, *extra):
+        return _night_cfg(out, paths, date, f"tracking.mlflow_uri={uri}", *extra)
+
+    # Night 1 on scrambled labels, no champion yet: below the floor, nothing published, the job fails.
+    night1 = _below_floor(_cfg(out, bad, "2026-11-23", "text.train.epochs=1"))
+    quality = night1["metrics"]["quality"]
+    assert quality["majority_accuracy"] >= 0.25 and quality["floor"] == pytest.approx(
+        quality["majority_accuracy"] + 0.2 * (1 - quality["majority_accuracy"])
     )
-    assert _model_versions(out / "runs/2026-11-23/text") == {"text-2026-11-23"}
+    assert night1["test_accuracy"] < quality["floor"]
+    assert night1["verdict"]["reason"].endswith("not promoted, no predictions published (no champion yet)")
+    assert not (night1_dir / "predictions").exists() and _champion(out) is None
+    report = (night1_dir / "report.html").read_text()
+    assert report.index("id='verdict'") < report.index("test-accuracy")  # the verdict opens the report
+    assert "Below the quality floor" in report
+    # Scoring without --model never falls back to an unpromoted model.
+    with pytest.raises(DlbatchError, match=r"text: no champion in .* yet \(jobs/nightly.py promotes one\)"):
+        run_predict(_cfg(out, good, "2026-11-23"))
+    # The night is decided: a retried trigger does not redo it and still fails; force=true redoes it.
+    again = _below_floor(_cfg(out, bad, "2026-11-23", "text.train.epochs=1"))
+    assert again["skipped"] is True
+    [night1] = run_nightly(_cfg(out, good, "2026-11-23", "text.train.epochs=2", "force=true"))
+    assert night1["verdict"]["status"] == "promoted" and night1["metrics"]["promotion"]["replaced_version"]
+    assert night1["metrics"]["promotion"]["reason"] == "no champion yet"
+    assert _model_versions(night1_dir) == {"text-2026-11-23"} and _champion(out) == "2026-11-23"
+    # The store holds the forced night's model, not the first attempt's.
+    assert _weights(out / "models/text/versions/2026-11-23") == _weights(night1_dir / "model")
 
-    # Night 2: one epoch on shuffled labels, a deliberately worse model.
-    table = pq.read_table(good["train"])
-    shuffled = np.random.default_rng(0).permutation(table["label"].to_pylist())
-    bad_train = tmp_path / "bad-train"
-    bad_train.mkdir()
-    pq.write_table(
-        table.set_column(table.schema.get_field_index("label"), "label", pa.array(shuffled)),
-        bad_train / "p.parquet",
-    )
-    [night2] = run_nightly(_cfg(out, {**good, "train": str(bad_train)}, "2026-11-24", "text.train.epochs=1"))
-    decision = night2["metrics"]["promotion"]
-    assert not decision["promoted"]
-    assert decision["champion_version"] == "2026-11-23"
-    assert decision["reason"].startswith("kept champion 2026-11-23: test accuracy")
-    assert decision["previous_accuracy_same_test"] > decision["candidate_accuracy"] + 0.2
-    assert _model_versions(out / "runs/2026-11-24/text") == {"text-2026-11-23"}  # scored by the champion
-    champion = json.loads((out / "models/text/champion.json").read_text())
-    assert champion["version"] == "2026-11-23"
-
+    # Night 2 on scrambled labels with a champion in place: scored with the champion, the job still fails.
+    night2 = _below_floor(_cfg(out, bad, "2026-11-24", "text.train.epochs=1"))
+    assert night2["verdict"]["reason"].endswith("not promoted, scored with champion 2026-11-23")
+    assert night2["metrics"]["promotion"]["champion_version"] == "2026-11-23"
+    assert _model_versions(out / "runs/2026-11-24/text") == {"text-2026-11-23"}
+    assert _champion(out) == "2026-11-23"
     assert night2["metrics"]["deleted_checkpoint_runs"] == []  # two run dates: both kept
+    # MLflow: the rejected night is a version of its own; the alias stays on the forced night 1's.
+    assert mlflow.get_model_version_by_alias("dlbatch-text", "champion").version == "2"
 
     # An older run that never published its model (killed, say): its checkpoints are what a rerun would
     # resume from, so retention leaves them alone.
@@ -87,14 +144,16 @@ def test_three_nights_promotion_gate_and_idempotent_trigger(ray_cluster, demo_ro
         "text-2026-11-25",
     ]
     assert unfinished.is_dir()
-    assert (out / "runs/2026-11-23/text/model/_SUCCESS").exists()  # the published model is untouched
+    assert (night1_dir / "model/_SUCCESS").exists()  # the published model is untouched
     [again] = run_nightly(_cfg(out, good, "2026-11-25", "text.train.epochs=2"))
     assert again["skipped"] is True and again["run_id"] == night3["run_id"]
     assert again["durations_s"] == night3["durations_s"]
     ckpts = [p for p in (out / "ray_results" / "text-2026-11-25").glob("checkpoint_*") if p.is_dir()]
     assert len(ckpts) == 2  # trained once: one checkpoint per epoch
-    assert night3["metrics"]["promotion"]["promoted"]
-    assert json.loads((out / "models/text/champion.json").read_text())["version"] == "2026-11-25"
+    decision = night3["metrics"]["promotion"]
+    assert decision["promoted"] and decision["previous_version"] == "2026-11-23"
+    assert 0.5 < decision["previous_accuracy_same_test"] <= 1  # the champion re-measured on night 3's test
+    assert _champion(out) == "2026-11-25"
     assert sorted(p.name for p in (out / "models/text/versions").iterdir()) == [
         "2026-11-23",
         "2026-11-24",
@@ -103,6 +162,50 @@ def test_three_nights_promotion_gate_and_idempotent_trigger(ray_cluster, demo_ro
     report = (out / "runs/2026-11-25/text/report.html").read_text()
     assert "previous night text-2026-11-24" in report and "data:image/png;base64," in report
     assert night3["versions"]["ray"].startswith("2.60") and night3["config"]["train"]["epochs"] == 2
+
+    # MLflow has every night that ran: its run (params, per-epoch metrics, summary, report, model) and a
+    # model version, with the champion alias on the promoted one.
+    [experiment] = [mlflow.get_experiment_by_name("dlbatch")]
+    runs = mlflow.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+    assert [r.info.run_name for r in runs] == ["text-2026-11-23"] * 2 + ["text-2026-11-24", "text-2026-11-25"]
+    assert [r.data.tags["dlbatch.verdict"] for r in runs] == [
+        "below_floor",
+        "promoted",
+        "below_floor",
+        "promoted",
+    ]
+    last = runs[-1].info.run_id
+    assert runs[-1].data.params["train.epochs"] == "2" and runs[-1].data.params["train.batch_size"] == "32"
+    assert runs[-1].data.tags["dlbatch.version.ray"] == night3["versions"]["ray"]
+    history = mlflow.get_metric_history(last, "val_accuracy")
+    assert sorted(m.step for m in history) == [0, 1]
+    assert {m.step: m.value for m in history}[1] == pytest.approx(night3["history"][1]["val_accuracy"])
+    assert mlflow.get_metric_history(last, "test_accuracy")[0].value == pytest.approx(night3["test_accuracy"])
+    assert {a.path for a in mlflow.list_artifacts(last)} >= {"summary.json", "report.html", "model"}
+    assert f"model/{MODEL_FILE}" in {a.path for a in mlflow.list_artifacts(last, "model")}
+    versions = sorted(mlflow.search_model_versions("name='dlbatch-text'"), key=lambda v: int(v.version))
+    assert [v.tags["dlbatch.run_date"] for v in versions] == ["2026-11-23"] * 2 + ["2026-11-24", "2026-11-25"]
+    assert mlflow.get_model_version_by_alias("dlbatch-text", "champion").version == versions[-1].version
+
+    # Night 3 forced on scrambled labels: it was the champion; the champion before it comes back. The
+    # MLflow server is down by then: the night still finishes and publishes, with one warning line.
+    stop_mlflow()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dlbatch"):
+        forced = _below_floor(_cfg(out, bad, "2026-11-25", "text.train.epochs=1", "force=true"))
+    unlogged = [r.getMessage() for r in caplog.records if "MLflow" in r.getMessage()]
+    assert len(unlogged) == 1 and unlogged[0].startswith(f"text: not logged to MLflow at {uri} ("), unlogged
+    assert forced["metrics"]["promotion"]["replaced_version"]
+    assert forced["verdict"]["reason"].endswith("scored with champion 2026-11-23")
+    assert _champion(out) == "2026-11-23"
+    assert _model_versions(out / "runs/2026-11-25/text") == {"text-2026-11-23"}
+
+    # jobs/predict.py without --model scores with the champion; with --model, with that model.
+    [scored] = run_predict(_cfg(out, good, "2026-11-26"))
+    assert _model_versions(out / "runs/2026-11-26/text") == {"text-2026-11-23"}
+    named = str(out / "runs/2026-11-25/text/model")
+    run_predict(_cfg(out, good, "2026-11-27"), model=named)
+    assert _model_versions(out / "runs/2026-11-27/text") == {named}
 
 
 def _chromium() -> str:
