@@ -83,11 +83,17 @@ def bench(texts: pa.Array) -> dict:
 
 
 def main() -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=50_000, help="rows per language")
+    parser.add_argument("--out", default=str(HERE / "tokenizer_speed.json"))
+    args = parser.parse_args()
     results = {
-        "english": bench(make_text_table(50_000, seed=1)["text"].combine_chunks()),
-        "chinese": bench(make_chinese_text_table(50_000, seed=1)["text"].combine_chunks()),
+        "english": bench(make_text_table(args.rows, seed=1)["text"].combine_chunks()),
+        "chinese": bench(make_chinese_text_table(args.rows, seed=1)["text"].combine_chunks()),
     }
-    (HERE / "tokenizer_speed.json").write_text(json.dumps(results, indent=1))
+    Path(args.out).write_text(json.dumps(results, indent=1))
     print(
         f"{'text':10} {'regex rows/s':>13} {'subword rows/s':>15} {'ratio':>6} {'fit s (regex / subword)':>24}"
     )

@@ -164,6 +164,9 @@ class JobConfig(_Frozen):
     # Ray Data's per-dataset execution banners and progress lines in the job's log (hidden by default:
     # a run prints its plan, a line per stage and per epoch, and the summary). The CLI's --verbose.
     verbose: bool = False
+    # A long stage (preprocessing a split, scoring, the tokenizer's training) logs a line this often, with
+    # what it has done so far where that is known; 0 turns it off.
+    progress_every_s: float = Field(default=60.0, ge=0)
     # Promotion gate: a new model becomes champion if its test accuracy >= champion's (same test data) - this.
     promotion_tolerance: float = Field(default=0.01, ge=0, le=1)
     # Quality floor (dlbatch/quality.py): a model must get at least this share of the test rows right that

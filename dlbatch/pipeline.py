@@ -37,6 +37,7 @@ from dlbatch.errors import DataError, TrainingError
 from dlbatch.models import model_args_for
 from dlbatch.predict import PRED_COLUMNS, predict_dataset, preprocess_in_tasks, preprocess_spec, use_actors
 from dlbatch.preprocess import preprocess_for_training
+from dlbatch.progress import heartbeat
 from dlbatch.quality import describe as describe_quality
 from dlbatch.quality import quality_floor
 from dlbatch.store import (
@@ -158,7 +159,8 @@ def learn_from_train(
                     task, ", ".join(repr(v) for v in variants), len(variants))  # fmt: skip
     vocab_len = None
     if task == "text":
-        tokenizer = build_tokenizer(infos["train"], task_cfg, cfg.task(task).train.seed)
+        with heartbeat(f"{task}: training the tokenizer", cfg.progress_every_s):
+            tokenizer = build_tokenizer(infos["train"], task_cfg, cfg.task(task).train.seed)
         learned["tokenizer"], learned["max_length"] = tokenizer, task_cfg["text"]["max_length"]
         vocab_len = tokenizer_vocab_len(tokenizer)
     learned["model_args"] = model_args_for(task, len(learned["label_names"]), task_cfg, vocab_len)
@@ -285,8 +287,9 @@ def prepare_training_split(
         raw = read_split(info, columns=columns)
         # Stored in the files' order (not the order tasks finish in), so one seed gives one order per epoch.
         raw.context.execution_options.preserve_order = True
-        prepared = _preprocessed(raw, spec).materialize()
-        ok = _model_rows(prepared, task).materialize()
+        with heartbeat(f"{task}: preprocessing {split} ({info.num_rows:,} rows)", cfg.progress_every_s):
+            prepared = _preprocessed(raw, spec).materialize()
+            ok = _model_rows(prepared, task).materialize()
         counts = Counts(read=info.num_rows, used=ok.count())
         counts.rejected = prepared.count() - counts.used
         if counts.rejected:
@@ -489,7 +492,8 @@ def evaluate_model(
     t0 = time.perf_counter()
     info = data.splits["test"]
     task_cfg = data.meta["config"]
-    preds, table, ok = _predict_test(task, data, model_uri, paths)
+    with heartbeat(f"{task}: evaluating on test ({info.num_rows:,} rows)", cfg.progress_every_s):
+        preds, table, ok = _predict_test(task, data, model_uri, paths)
     counts = Counts(read=info.num_rows, used=int(ok.sum()), rejected=int((~ok).sum()))
     if counts.rejected:
         _write_rejects(preds, paths, "test", task_cfg["data"]["id_column"])
@@ -577,9 +581,11 @@ def predict_scores(
             )
         part_dir = f"{parts_dir}/{key}-{uuid.uuid4().hex[:12]}"
         part_info = replace(info, files=files, file_rows=[info.file_rows[i] for i in part], num_rows=rows)
-        predict_dataset(read_split(part_info, columns=columns), model_uri, task_cfg, run_info).write_parquet(
-            part_dir, filesystem=fs
-        )
+        label = f"{task}: scoring" + (f" part {number} of {len(plan)}" if len(plan) > 1 else "")
+        with heartbeat(label, cfg.progress_every_s, lambda d=part_dir, n=rows: _rows_written(fs, d, n)):
+            predict_dataset(
+                read_split(part_info, columns=columns), model_uri, task_cfg, run_info
+            ).write_parquet(part_dir, filesystem=fs)
         fs.create_dir(part_dir, recursive=True)  # a part that wrote no rows still finished
         mark_published(fs, part_dir, {"files": files, "rows": rows}, marker=PART_DONE)
         staged.append(part_dir)
@@ -609,6 +615,16 @@ def predict_scores(
         result.metrics["duplicate_ids"] = _duplicate_ids(task, info, id_column)
     _check_reject_fraction(cfg, task, "score", counts, paths.uri("rejects", "score"))
     return paths.uri("predictions")
+
+
+def _rows_written(fs: pafs.FileSystem, directory: str, total: int) -> str:
+    """Rows in the Parquet files a stage has written so far (their footers), of ``total``."""
+    import pyarrow.dataset as pads
+
+    infos = fs.get_file_info(pafs.FileSelector(directory, allow_not_found=True))
+    files = [i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")]
+    written = pads.dataset(files, filesystem=fs, format="parquet").count_rows() if files else 0
+    return f"{written:,} of {total:,} rows written"
 
 
 def _duplicate_ids(task: Task, info: SplitInfo, id_column: str) -> dict[str, Any]:

@@ -57,21 +57,19 @@ def test_a_label_sorted_training_split_trains_as_well_as_the_same_rows_shuffled(
     ray_cluster, text_splits, tmp_path
 ):
     """Replaying the stored order (or shuffling only files) on sorted rows learned the last labels seen:
-    64% and 79% here where the shuffled rows reach ~95%. The 8-file split is streamed (the path a split
-    larger than the object store takes): its raw rows are shuffled before preprocessing."""
+    64.5% (one file) and 78.7% (8 files) with the code before the global shuffle, where the same rows
+    stored shuffled reached 94.7% (the three fits, measured side by side; only the two sorted ones run
+    here). The 8-file split is streamed (the path a split larger than the object store takes): its raw
+    rows are shuffled before preprocessing."""
     accuracy = {}
-    for variant, extra in (
-        ("shuffled", ()),
-        ("sorted-1-file", ()),
-        ("sorted-8-files", ("text.train.materialize=false",)),
-    ):
+    for variant, extra in (("sorted-1-file", ()), ("sorted-8-files", ("text.train.materialize=false",))):
         [summary] = run_train(_config(text_splits, variant, tmp_path / variant, *extra))
         accuracy[variant] = summary["test_accuracy"]
         assert summary["metrics"]["training_data"]["materialized"] is (not extra)
         assert [h["train_samples"] for h in summary["history"]] == [ROWS] * 3
-    assert accuracy["shuffled"] > 0.85, accuracy
-    for variant in ("sorted-1-file", "sorted-8-files"):
-        assert abs(accuracy[variant] - accuracy["shuffled"]) <= 0.02, accuracy
+    # Both within 5 points of the shuffled rows' 94.7% (94.0% and 93.7% when measured), 11 above the best
+    # the stored order gave.
+    assert min(accuracy.values()) >= 0.90, accuracy
 
 
 def _epoch_orders(

@@ -53,9 +53,10 @@ def ray_head():
     yield ray_bin, address, env
     os.killpg(head.pid, signal.SIGTERM)
     try:
-        head.wait(timeout=60)
+        head.wait(timeout=5)  # a graceful stop took ~30 s; nothing of this head outlives the test anyway
     except subprocess.TimeoutExpired:
         os.killpg(head.pid, signal.SIGKILL)
+        head.wait(timeout=30)
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -82,3 +82,25 @@ def test_a_loss_that_turns_nan_ends_the_fit_in_one_line_and_publishes_nothing(
     ), message
     assert not (tmp_path / "runs" / "2026-11-25" / "text" / "model").exists()
     assert not list((tmp_path / "ray_results" / "text-2026-11-25").glob("checkpoint_*"))
+
+
+def test_a_long_stage_logs_a_line_every_interval_with_what_it_has_done(caplog):
+    import logging
+    import time
+
+    from dlbatch.progress import heartbeat
+
+    done = {"rows": 0}
+    with (
+        caplog.at_level(logging.INFO, logger="dlbatch"),
+        heartbeat("text: scoring", 0.2, lambda: f"{done['rows']} rows"),
+    ):
+        for _ in range(8):
+            time.sleep(0.15)
+            done["rows"] += 100
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) >= 3 and all(
+        re.fullmatch(r"text: scoring: running for \d+s, \d+ rows", line) for line in lines
+    )
+    counts = [int(line.split(", ")[1].split()[0]) for line in lines]
+    assert counts == sorted(counts) and counts[-1] > counts[0]  # the lines follow the work

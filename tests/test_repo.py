@@ -22,3 +22,22 @@ def test_readme_has_two_setup_commands_and_ci_runs_the_test_one():
 def test_jobs_are_thin():
     for job in (REPO / "jobs").glob("*.py"):
         assert len(job.read_text().splitlines()) < 80, job
+
+
+def test_the_documented_short_bench_command_runs_after_the_test_install(tmp_path):
+    """`cd bench && python tokenizer_speed.py` as the README gives it (fewer rows, output elsewhere)."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "speed.json"
+    done = subprocess.run(
+        [sys.executable, "tokenizer_speed.py", "--rows", "3000", "--out", str(out)],
+        cwd=REPO / "bench", capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(out.read_text())
+    for language in ("english", "chinese"):
+        assert results[language]["rows"] == 3000
+        assert results[language]["subword_rows_per_s"] > 0 and results[language]["regex_rows_per_s"] > 0
+    assert "english" in done.stdout and "chinese" in done.stdout
