@@ -42,7 +42,7 @@ def _text_fit_killing(title: str, out: Path, demo_root: dict, epochs: int):
 def trained_text(ray_cluster, demo_root, tmp_path_factory):
     """A text model trained while one training worker is killed once two checkpoints are registered."""
     out = tmp_path_factory.mktemp("faults")
-    cfg, state, killer = _text_fit_killing("RayTrainWorker", out, demo_root, epochs=10)
+    cfg, state, killer = _text_fit_killing("RayTrainWorker", out, demo_root, epochs=6)
     started = time.time()
     [summary] = run_train(cfg)
     killer.join(timeout=1)
@@ -53,7 +53,7 @@ def test_worker_killed_mid_training_resumes_from_checkpoint(trained_text):
     cfg, out, summary, state, seconds = trained_text
     assert "killed_pid" in state, "the worker was never killed: the test did not test anything"
     history = summary["history"]
-    assert [h["epoch"] for h in history] == list(range(10))  # finished all configured epochs, no repeats
+    assert [h["epoch"] for h in history] == list(range(6))  # finished all configured epochs, no repeats
     resumed = [h["resumed_from_epoch"] for h in history if h["resumed_from_epoch"] is not None]
     # The restarted group resumed from a registered checkpoint (epoch >= 1, two were registered before the
     # kill), not from scratch: the epochs after it carry the checkpoint's epoch.

@@ -84,3 +84,4 @@ def test_ray_job_submit_runs_the_nightly_job(ray_head, tmp_path):
     # A retried trigger with the same submission id is rejected, not run twice.
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert again.returncode != 0
+    assert "Job with submission_id dlbatch-test-2026-11-25 already exists" in again.stdout + again.stderr

@@ -106,9 +106,9 @@ def test_shipped_config_trains_evaluates_and_predicts(
     assert _rows(pred_dir) == score_rows
     assert "predict" not in again["durations_s"]
 
-    # Forced, in the GPU layout on CPUs (decode / tokenize in a task stage, an actor pool runs the model):
-    # the same predictions, pass-through columns included.
-    pool = [f"{task}.predict.compute=actors", f"{task}.predict.preprocess=tasks", "force=true"]
+    # Forced, in the CPU layout (Ray tasks decode or tokenize and run the model): the same predictions as
+    # the GPU layout's, pass-through columns included.
+    pool = [f"{task}.predict.compute=tasks", f"{task}.predict.gpus_per_actor=0", "force=true"]
     [pooled] = run_predict(config_for(tmp_path, task, demo_root, *extra, *pool))
     assert pooled["rows"]["score"] == summary["rows"]["score"]
     again = pads.dataset(pred_dir, format="parquet").to_table()
@@ -118,27 +118,16 @@ def test_shipped_config_trains_evaluates_and_predicts(
     assert np.allclose(before["confidence"].to_numpy(), after["confidence"].to_numpy(), atol=1e-5)
 
 
-def test_a_compiled_fit_trains_as_the_eager_one_and_checkpoints_the_plain_model(
-    ray_cluster, demo_root, tmp_path
-):
-    """``train.compile``: torch.compile's kernels add in another order, so the losses agree closely, not bit
-    for bit; the checkpoint holds the plain model's weights (no wrapper's prefix), which inference loads.
-    One worker and the stored order: both fits see the same batches, so only the compile differs."""
-    same_batches = ("image.train.epochs=2", "image.train.num_workers=1", "image.train.shuffle=none")
-    [eager] = run_train(config_for(tmp_path / "eager", "image", demo_root, *same_batches))
-    [compiled] = run_train(
-        config_for(tmp_path / "compiled", "image", demo_root, *same_batches, "image.train.compile=true")
-    )
-
-    losses = {
-        name: [h["train_loss"] for h in s["history"]]
-        for name, s in (("eager", eager), ("compiled", compiled))
-    }
-    # Two eager fits give the same losses to the last digit here; the compiled kernels' rounding grows over
-    # an epoch's steps (3-15% apart after two epochs in the runs seen), so the check is that it trains alike.
-    assert losses["compiled"] == pytest.approx(losses["eager"], rel=0.25)
-    assert losses["compiled"][1] < losses["compiled"][0]
-    assert compiled["test_accuracy"] > 0.5 and eager["test_accuracy"] > 0.5  # 10 classes: chance is 0.1
+def test_a_compiled_fit_trains_and_checkpoints_the_plain_model(ray_cluster, demo_root, tmp_path):
+    """``train.compile``: the compiled steps train (losses fall, accuracy far above chance), and the
+    checkpoint holds the plain model's weights (no wrapper's prefix), which inference loads. Compiled
+    kernels add in another order, so a compiled fit does not match an eager one bit for bit (3-15% apart
+    in loss after two epochs when compared side by side); its learning is what is checked here."""
+    settings = ("image.train.epochs=2", "image.train.num_workers=1", "image.train.compile=true")
+    [compiled] = run_train(config_for(tmp_path / "compiled", "image", demo_root, *settings))
+    losses = [h["train_loss"] for h in compiled["history"]]
+    assert losses[1] < losses[0] < 2.3  # below the 10-class chance loss (ln 10) from the first epoch
+    assert compiled["test_accuracy"] > 0.5  # 10 classes: chance is 0.1
     model, meta = load_model(compiled["paths"]["model"])
     assert model.state_dict().keys() == build_model("image", meta["model_args"]).state_dict().keys()
 
