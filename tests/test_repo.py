@@ -41,3 +41,16 @@ def test_the_documented_short_bench_command_runs_after_the_test_install(tmp_path
         assert results[language]["rows"] == 3000
         assert results[language]["subword_rows_per_s"] > 0 and results[language]["regex_rows_per_s"] > 0
     assert "english" in done.stdout and "chinese" in done.stdout
+
+
+def test_the_readmes_own_data_config_is_a_valid_config():
+    import re
+
+    import yaml
+
+    from dlbatch.config import build_config
+
+    [block] = re.findall(r"```yaml\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    cfg = build_config(yaml.safe_load(block), "README")
+    assert cfg.tasks == ("text",) and cfg.text.data.passthrough_columns == ("text",)
+    assert cfg.text.predict.gpus_per_actor == 1
