@@ -227,7 +227,8 @@ def promote(
     version = paths.run_date
     current = store.champion()
     rival = store.champion_before(version)
-    replaced = store.add_version(version, paths.path("model"), replace=cfg.force)
+    replaced = cfg.force and is_published(paths.fs, store.version_path(version))
+    stored = store.add_version(version, paths.path("model"), replace=cfg.force)
     rival_acc = None
     if rival is not None and floor_failure is None:
         # Re-measured on tonight's test data: last night's number was on other data.
@@ -236,7 +237,7 @@ def promote(
         version, result.metrics["test_accuracy"], rival, rival_acc, cfg.promotion_tolerance, floor_failure
     )
     is_champion = (current or {}).get("version") == version
-    if decision.promoted and (replaced or not is_champion):
+    if decision.promoted and (stored or not is_champion):
         store.set_champion(version, result.metrics["test_accuracy"], paths.run_id)
     elif not decision.promoted and is_champion:
         # A forced rerun replaced the champion's own night with a worse model: back to the one before it.
@@ -247,7 +248,7 @@ def promote(
     deleted = store.apply_retention(cfg.keep_versions)
     log.info("%s: %s%s", task, "promoted" if decision.promoted else "not promoted", f" ({decision.reason})")
     result.metrics["promotion"] = {
-        **decision.as_dict(), "deleted_versions": deleted, "replaced_version": bool(replaced and cfg.force)
+        **decision.as_dict(), "deleted_versions": deleted, "replaced_version": replaced
     }  # fmt: skip
     if decision.champion_version is None:
         return None
