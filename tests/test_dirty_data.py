@@ -72,7 +72,7 @@ def test_dirty_image_data_is_routed_to_rejects_and_conserved(ray_cluster, tmp_pa
     overrides = [f"image.data.{s}={p}" for s, p in splits.items()] + [
         "tasks=[image]", f"output_root={tmp_path / 'out'}", "run_date=2026-11-25",
         "image.data.partition={dt: '2026-11-25'}", "image.data.label_column=digit", "image.data.num_classes=10",
-        "image.image.column=img", "image.train.epochs=1", "image.train.num_workers=1", "quality_margin=0",
+        "image.image.column=img", "image.train.epochs=1", "image.train.num_workers=1", "image.train.batch_size=16", "quality_margin=0",
     ]  # fmt: skip
     [summary] = run_nightly(load_config(None, overrides))
 

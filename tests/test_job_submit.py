@@ -66,7 +66,7 @@ def test_ray_job_submit_runs_the_nightly_job(ray_head, tmp_path):
     cmd = [
         ray_bin, "job", "submit", f"--address={address}", "--submission-id=dlbatch-test-2026-11-25",
         f"--working-dir={REPO}", "--", "python", "jobs/nightly.py", "--run-date=2026-11-25",
-        "tasks=[text]", "demo_rows=600", "text.train.epochs=1", "text.train.num_workers=1",
+        "tasks=[text]", "demo_rows=1000", "text.train.epochs=1", "text.train.num_workers=1",
         "text.train.batch_size=16", f"output_root={out}",
     ]  # fmt: skip
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=REPO)
@@ -79,7 +79,7 @@ def test_ray_job_submit_runs_the_nightly_job(ray_head, tmp_path):
     assert "succeeded" in log
     pred_dir = out / "runs" / "2026-11-25" / "text" / "predictions"
     assert (pred_dir / "_SUCCESS").exists()
-    assert pads.dataset(pred_dir, format="parquet").count_rows() == 200
+    assert pads.dataset(pred_dir, format="parquet").count_rows() == 333
 
     # A retried trigger with the same submission id is rejected, not run twice.
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=REPO)

@@ -101,7 +101,12 @@ def test_a_local_job_runs_without_the_dashboards_packages(ray_cluster, demo_root
     site.mkdir()
     (site / "sitecustomize.py").write_text(BLOCK_OPENCENSUS)
     cmd = _text_train_job(
-        demo_root, tmp_path / "out", "text.train.num_workers=1", "cluster.local_dashboard=true"
+        # Batches of 16: enough steps in one epoch for a model above the quality floor (else exit 3).
+        demo_root,
+        tmp_path / "out",
+        "text.train.num_workers=1",
+        "text.train.batch_size=16",
+        "cluster.local_dashboard=true",
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(REPO)])}
     done = subprocess.run(
