@@ -29,7 +29,7 @@ def main(out: str, train: str, val: str, test: str, fault: bool = True) -> dict:
     cfg = load_config(None, [
         "tasks=[text]", f"output_root={out}", "run_date=2026-11-25",
         f"text.data.train={train}", f"text.data.val={val}", f"text.data.test={test}",
-        "text.train.epochs=6", "text.train.batch_size=32", "text.train.max_failures=3",
+        "text.train.epochs=10", "text.train.batch_size=32", "text.train.max_failures=3",
         "text.train.placement_strategy=STRICT_SPREAD",
     ])  # fmt: skip
     storage = Path(out) / "ray_results" / "text-2026-11-25"
