@@ -54,14 +54,12 @@ def log_night(cfg: JobConfig, summary: dict[str, Any], paths: RunPaths, report_h
         os.environ.setdefault(key, value)
     try:
         from mlflow import MlflowClient
-        from mlflow.entities import Metric, Param, RunTag
     except ImportError:
         log.warning("%s: MLflow tracking is configured (%s) but mlflow is not installed "
                     "(pip install 'dlbatch[mlflow]'); not logged", summary["task"], uri)  # fmt: skip
         return None
     try:
-        return _log(MlflowClient(tracking_uri=uri, registry_uri=uri), cfg, summary, paths, report_html,
-                    Metric, Param, RunTag)  # fmt: skip
+        return _log(MlflowClient(tracking_uri=uri, registry_uri=uri), cfg, summary, paths, report_html)
     except Exception as err:  # anything from the client or the server: a warning, never a failed night
         text = str(err).strip().splitlines()
         log.warning("%s: not logged to MLflow at %s (%s: %s)", summary["task"], uri, type(err).__name__,
@@ -69,7 +67,9 @@ def log_night(cfg: JobConfig, summary: dict[str, Any], paths: RunPaths, report_h
         return None
 
 
-def _log(client, cfg: JobConfig, summary, paths: RunPaths, report_html: str, Metric, Param, RunTag) -> str:
+def _log(client, cfg: JobConfig, summary, paths: RunPaths, report_html: str) -> str:
+    from mlflow.entities import Metric, Param
+
     task = summary["task"]
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
     experiment_id = (
