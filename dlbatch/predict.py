@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
+import time
 from typing import Any
 
 import numpy as np
@@ -17,6 +19,8 @@ from dlbatch.models import fast_layout
 from dlbatch.preprocess import preprocess_batch, to_arrow
 
 PRED_COLUMNS = ["pred_index", "pred_label", "confidence", "probs"]
+
+log = logging.getLogger("dlbatch")
 
 
 def preprocess_spec(kind: str, task_cfg: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
@@ -196,8 +200,31 @@ class Predictor:
 READ_WRITE_CPUS = 2  # left free for Ray Data's read and write tasks when sizing a CPU actor pool
 
 
+def free_resources(settle_s: float = 2.0) -> dict[str, float]:
+    """The cluster's CPUs and GPUs that nothing holds now. What the stage before just released comes back
+    within moments, so wait up to ``settle_s`` for it; what other work holds stays held."""
+    import ray
+
+    def short() -> bool:
+        return any(free.get(k, 0.0) < total.get(k, 0.0) for k in ("CPU", "GPU"))
+
+    total, free = ray.cluster_resources(), ray.available_resources()
+    deadline = time.monotonic() + settle_s
+    while short() and time.monotonic() < deadline:
+        time.sleep(0.1)
+        free = ray.available_resources()
+    if short():
+        log.info(
+            "other work holds part of the cluster: %g of %g CPUs and %g of %g GPUs are free for inference",
+            free.get("CPU", 0.0), total.get("CPU", 0.0), free.get("GPU", 0.0), total.get("GPU", 0.0),
+        )  # fmt: skip
+    return free
+
+
 def actor_pool_size(pcfg: dict[str, Any], cluster: dict[str, float]) -> int:
-    """Configured ``num_actors``, or one actor per slot the cluster's resources hold.
+    """Configured ``num_actors``, or one actor per slot of the cluster's *free* resources: a fixed pool
+    sized from its totals waits forever for actors that cannot be placed while other work holds part of
+    it, and takes the CPUs its own read tasks need.
 
     A fixed pool, not an autoscaling one: on a small cluster Ray Data's autoscaler kept a (1, n) pool at
     one actor for a whole 50,000-image run (its utilization threshold was never crossed), halving
@@ -275,7 +302,7 @@ def predict_dataset(
         fn_constructor_kwargs=kwargs,
         batch_format="pyarrow",
         batch_size=pcfg["batch_size"],
-        compute=ray.data.ActorPoolStrategy(size=actor_pool_size(pcfg, ray.cluster_resources())),
+        compute=ray.data.ActorPoolStrategy(size=actor_pool_size(pcfg, free_resources())),
         num_cpus=pcfg["cpus_per_actor"],
         num_gpus=pcfg["gpus_per_actor"],
         # An actor that dies (node lost, OOM) is restarted and its batches retried: Ray Data's actor pools

@@ -14,19 +14,26 @@ import pytest
 def ray_cluster():
     import ray
 
-    # More logical CPUs than cores on purpose: training workers hold CPUs for a whole fit and Ray Data
-    # still needs some, or a fit would hang. Loopback only.
-    ray.init(
-        address="local",  # a new private cluster, never one that happens to run on this host
-        num_cpus=6,
-        # Logical GPUs, no CUDA: the GPU inference layout (an actor per GPU) is scheduled and run as on a
-        # GPU node, with the model on CPU inside the actor (tests/test_pipeline.py).
-        num_gpus=2,
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        logging_level="WARNING",
-        runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}},
-    )
+    from dlbatch.cluster import _environment, _free_loopback_port
+
+    # The cluster's processes are told its address, as dlbatch's own local cluster does: without it, Ray
+    # Train's placement-group cleaner looks for "the" cluster on the host, fails when a test's subprocess
+    # job runs a second one, and leaves a killed controller's placement group holding its CPUs.
+    port = _free_loopback_port()
+    with _environment(RAY_GCS_SERVER_PORT=str(port), RAY_ADDRESS=f"127.0.0.1:{port}"):
+        # More logical CPUs than cores on purpose: training workers hold CPUs for a whole fit and Ray Data
+        # still needs some, or a fit would hang. Loopback only.
+        ray.init(
+            address="local",  # a new private cluster, never one that happens to run on this host
+            num_cpus=6,
+            # Logical GPUs, no CUDA: the GPU inference layout (an actor per GPU) is scheduled and run as on
+            # a GPU node, with the model on CPU inside the actor (tests/test_pipeline.py).
+            num_gpus=2,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            logging_level="WARNING",
+            runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}},
+        )
     yield ray
     ray.shutdown()
 
