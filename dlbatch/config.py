@@ -122,6 +122,9 @@ class TaskConfig(_Frozen):
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     predict: PredictConfig = PredictConfig()
+    # Every split's input profile (summary.json "profile") and the drift check against earlier nights;
+    # off: neither (saves reading each image's pixels once more).
+    profile: bool = True
 
 
 class ImageTaskConfig(TaskConfig):
@@ -152,6 +155,15 @@ class TrackingConfig(_Frozen):
     experiment: str = "dlbatch"  # registered models are named <experiment>-<task>
 
 
+class DriftConfig(_Frozen):
+    # A feature whose distance to a reference night's exceeds this is drifted (dlbatch/profile.py: total
+    # variation for distributions, the pixel mean's shift in standard deviations, the std's relative change).
+    threshold: float = Field(default=0.2, gt=0)
+    # warn: a warning in the log, the summary and the report. block: also no promotion of a model trained
+    # on drifted data, no publishing of predictions for a drifted score split, and the job exits 3.
+    action: Literal["warn", "block"] = "warn"
+
+
 class JobConfig(_Frozen):
     tasks: tuple[Task, ...] = ("image", "text")
     output_root: str = "dlbatch-output"
@@ -180,6 +192,7 @@ class JobConfig(_Frozen):
     text: TextTaskConfig = TextTaskConfig()
     cluster: ClusterConfig = ClusterConfig()
     tracking: TrackingConfig = TrackingConfig()
+    drift: DriftConfig = DriftConfig()
 
     @field_validator("tasks")
     @classmethod

@@ -5,16 +5,19 @@ Each stage is a function with explicit arguments, so jobs stay thin and tests ca
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
 import uuid
 import zlib
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
@@ -37,6 +40,7 @@ from dlbatch.errors import DataError, TrainingError
 from dlbatch.models import model_args_for
 from dlbatch.predict import PRED_COLUMNS, predict_dataset, preprocess_in_tasks, preprocess_spec, use_actors
 from dlbatch.preprocess import preprocess_for_training
+from dlbatch.profile import PROFILE_COLUMNS, finish, merge, partial
 from dlbatch.progress import heartbeat
 from dlbatch.quality import describe as describe_quality
 from dlbatch.quality import quality_floor
@@ -54,6 +58,7 @@ from dlbatch.store import (
     publish_split,
     read_json,
     remove_if_exists,
+    staged_dataset,
     staging_dir,
     tree_fingerprint,
     write_json,
@@ -96,6 +101,8 @@ class TaskResult:
     metrics: dict[str, Any] = field(default_factory=dict)
     paths: dict[str, str] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
+    profile: dict[str, dict[str, Any]] = field(default_factory=dict)  # per split (dlbatch/profile.py)
+    drift: dict[str, Any] | None = None
 
 
 def data_paths(cfg: JobConfig, task: Task) -> dict[str, str | None]:
@@ -187,6 +194,45 @@ def _write_rejects(ds, paths: RunPaths, split: str, id_column: str) -> int:
     written = pads.dataset(staged, filesystem=paths.fs, format="parquet").count_rows()
     move_into_place(paths.fs, staged, paths.path("rejects", split))
     return written
+
+
+def _rejects_and_sums(
+    batch: pa.Table, kind: str, label_column: str, label_names: list[str], id_column: str
+) -> pa.Table:
+    """``map_batches``: a batch's rejected rows (id, source, reason) and one row more that carries the
+    batch's profile sums (JSON), so one pass over a split routes its rejects and profiles it."""
+    rejected = batch.filter(pc.is_valid(batch.column("reject_reason")))
+    sums = json.dumps(partial(batch, kind, label_column, label_names))
+
+    def column(name: str, type_: pa.DataType) -> pa.Array:
+        values = rejected.column(name).combine_chunks().cast(type_)
+        return pa.concat_arrays([values, pa.nulls(1, type_)])
+
+    ids = batch.column(id_column).type
+    return pa.table({
+        "id": column(id_column, ids), "source": column("source", pa.string()),
+        "reject_reason": column("reject_reason", pa.string()),
+        "profile_sums": pa.array([None] * rejected.num_rows + [sums], pa.string()),
+    })  # fmt: skip
+
+
+def rejects_and_profile(
+    ds, paths: RunPaths, split: str, kind: str, label_column: str, label_names: list[str],
+    id_column: str, id_in: str = "id", always_write: bool = False,
+) -> dict[str, Any]:  # fmt: skip
+    """One pass over a preprocessed (or predicted) split: its rejects published to ``rejects/<split>`` and
+    its profile sums returned (``rows``: usable rows, ``rejected``)."""
+    from ray.data.expressions import col
+
+    small = ds.map_batches(
+        _rejects_and_sums, batch_format="pyarrow",
+        fn_kwargs={"kind": kind, "label_column": label_column, "label_names": label_names, "id_column": id_in},
+    ).materialize()  # fmt: skip
+    rows = small.filter(expr=col("profile_sums").is_not_null()).select_columns(["profile_sums"]).take_all()
+    sums = merge([json.loads(row["profile_sums"]) for row in rows])
+    if sums.get("rejected") or always_write:
+        _write_rejects(small, paths, split, id_column)
+    return sums
 
 
 def _check_reject_fraction(cfg: JobConfig, task: str, split: str, counts: Counts, rejects_uri: str) -> None:
@@ -290,10 +336,11 @@ def prepare_training_split(
         with heartbeat(f"{task}: preprocessing {split} ({info.num_rows:,} rows)", cfg.progress_every_s):
             prepared = _preprocessed(raw, spec).materialize()
             ok = _model_rows(prepared, task).materialize()
-        counts = Counts(read=info.num_rows, used=ok.count())
-        counts.rejected = prepared.count() - counts.used
-        if counts.rejected:
-            _write_rejects(prepared, paths, split, task_cfg["data"]["id_column"])
+        sums = rejects_and_profile(
+            prepared, paths, split, task, "y", data.meta["label_names"], task_cfg["data"]["id_column"]
+        )
+        counts = Counts(read=info.num_rows, used=sums["rows"], rejected=sums["rejected"])
+        result.profile[split] = finish(sums, task)
         _account(cfg, task, split, counts, paths, result)
         return shuffled_every_epoch(ok, shuffle, seed)
 
@@ -304,8 +351,12 @@ def prepare_training_split(
 
     def route_rejects() -> None:
         prepared = _preprocessed(read_split(info, columns=columns), spec)
-        rejected = _write_rejects(prepared, paths, split, task_cfg["data"]["id_column"])
-        counts = Counts(read=info.num_rows, used=info.num_rows - rejected, rejected=rejected)
+        sums = rejects_and_profile(
+            prepared, paths, split, task, "y", data.meta["label_names"], task_cfg["data"]["id_column"],
+            always_write=True,
+        )  # fmt: skip
+        counts = Counts(read=info.num_rows, used=sums["rows"], rejected=sums["rejected"])
+        result.profile[split] = finish(sums, task)
         _account(cfg, task, split, counts, paths, result)
 
     pending.append(_BACKGROUND.submit(route_rejects))
@@ -349,7 +400,9 @@ def train_model(cfg: JobConfig, task: Task, data: TaskData, paths: RunPaths, res
         log.info(
             "%s: model for %s already trained at %s; not retrained", task, paths.run_date, paths.uri("model")
         )
-        result.history = (read_json(paths.fs, f"{model_dir}/{SUCCESS}") or {}).get("history", [])
+        marker = read_json(paths.fs, f"{model_dir}/{SUCCESS}") or {}
+        result.history = marker.get("history", [])
+        result.profile.update(marker.get("profile", {}))  # train and val, profiled when they were read
         result.paths["model"] = paths.uri("model")
         return paths.uri("model")
     check_cpus_left_for_data(task, tcfg.num_workers, tcfg.cpus_per_worker)
@@ -426,8 +479,9 @@ def train_model(cfg: JobConfig, task: Task, data: TaskData, paths: RunPaths, res
     mark_published(
         paths.fs,
         model_dir,
-        {"best_epoch": history[-1]["epoch"] if history else None, "history": result.history},
-    )
+        {"best_epoch": history[-1]["epoch"] if history else None, "history": result.history,
+         "profile": {s: result.profile[s] for s in ("train", "val") if s in result.profile}},
+    )  # fmt: skip
     result.metrics.update(
         {
             "best_val_accuracy": max(h["val_accuracy"] for h in result.history),
@@ -495,8 +549,11 @@ def evaluate_model(
     with heartbeat(f"{task}: evaluating on test ({info.num_rows:,} rows)", cfg.progress_every_s):
         preds, table, ok = _predict_test(task, data, model_uri, paths)
     counts = Counts(read=info.num_rows, used=int(ok.sum()), rejected=int((~ok).sum()))
-    if counts.rejected:
-        _write_rejects(preds, paths, "test", task_cfg["data"]["id_column"])
+    id_column = task_cfg["data"]["id_column"]
+    sums = rejects_and_profile(
+        preds, paths, "test", task, "label_index", data.meta["label_names"], id_column, id_in=id_column
+    )
+    result.profile["test"] = finish(sums, task)
     counts.check(f"{task}/test")
     result.rows["test"] = counts
     _check_reject_fraction(cfg, task, "test", counts, paths.uri("rejects", "test"))
@@ -531,8 +588,10 @@ def predict_scores(
     paths: RunPaths,
     result: TaskResult,
     model_version: str | None = None,
-) -> str:
+    gate: Callable[[dict[str, Any]], str | None] | None = None,
+) -> str | None:
     """Score the score split; publish predictions and rejects all-or-nothing. Idempotent per run.
+    ``gate``: given the scored split's input profile, a reason to withhold the predictions (None: publish).
 
     The split is scored in parts of whole files (``predict.rows_per_part`` rows at most, unless one file
     holds more). Each finished part stays in staging with a done marker, keyed by its input files (path,
@@ -590,12 +649,19 @@ def predict_scores(
         mark_published(fs, part_dir, {"files": files, "rows": rows}, marker=PART_DONE)
         staged.append(part_dir)
     result.metrics["score_parts"] = {"parts": len(plan), "reused": len(done)}
+    result.profile["score"] = _staged_profile(fs, staged, task)
+    withheld = gate(result.profile["score"]) if gate is not None else None
     pcfg = task_cfg["predict"]
     result.metrics["predict"] = {
         "compute": "actors" if use_actors(pcfg) else "tasks",
         "gpus_per_actor": pcfg["gpus_per_actor"] if use_actors(pcfg) else 0,
         "preprocess": "tasks" if use_actors(pcfg) and preprocess_in_tasks(pcfg) else "with the model",
     }
+    if withheld:
+        log.warning("%s: predictions not published: %s; the scored parts stay in staging for a rerun",
+                    task, withheld)  # fmt: skip
+        result.metrics["predictions_withheld"] = withheld
+        return None
     keep = [id_column, *task_cfg["data"]["passthrough_columns"], *PRED_COLUMNS, "model_version", "run_date"]
     used, rejected = publish_split(
         fs, staged, pred_dir, paths.path("rejects", "score"), keep, [id_column, *REJECT_COLUMNS],
@@ -615,6 +681,20 @@ def predict_scores(
         result.metrics["duplicate_ids"] = _duplicate_ids(task, info, id_column)
     _check_reject_fraction(cfg, task, "score", counts, paths.uri("rejects", "score"))
     return paths.uri("predictions")
+
+
+def _staged_profile(fs: pafs.FileSystem, staged: list[str], task: Task) -> dict[str, Any] | None:
+    """The score split's input profile, from the small columns of its staged predictions (None: parts
+    staged by a version of dlbatch that did not profile)."""
+    dataset = staged_dataset(fs, staged)
+    columns = ["reject_reason", "pred_label", *PROFILE_COLUMNS[task]]
+    if dataset is None or not set(columns) <= set(dataset.schema.names):
+        return None
+    parts = [
+        partial(pa.Table.from_batches([b]), task, "pred_label", [])
+        for b in dataset.to_batches(columns=columns)
+    ]
+    return finish(merge(parts), task, labels_from="predictions")
 
 
 def _rows_written(fs: pafs.FileSystem, directory: str, total: int) -> str:

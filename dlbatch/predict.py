@@ -17,6 +17,7 @@ from dlbatch.checkpoint import load_meta, load_model
 from dlbatch.cluster import use_assigned_cpus
 from dlbatch.models import fast_layout
 from dlbatch.preprocess import preprocess_batch, to_arrow
+from dlbatch.profile import PROFILE_COLUMNS
 
 PRED_COLUMNS = ["pred_index", "pred_label", "confidence", "probs"]
 
@@ -35,6 +36,7 @@ def preprocess_spec(kind: str, task_cfg: dict[str, Any], meta: dict[str, Any]) -
         "label_type": meta["label_type"],
         "label_names": meta["label_names"],
         "num_classes": len(meta["label_names"]),
+        "profile": task_cfg.get("profile", True),
     }
     if kind == "image":
         spec.update(
@@ -192,6 +194,9 @@ class Predictor:
         out["run_date"] = pa.array([self.run_info["run_date"]] * n, pa.string())
         if self.with_labels:
             out["label_index"] = pa.array(cols["y"])
+        for name in PROFILE_COLUMNS[self.kind]:  # summed for the split's input profile, never published
+            if name in cols:
+                out[name] = cols[name] if isinstance(cols[name], pa.Array) else pa.array(cols[name])
         out["source"] = cols["source"]
         out["reject_reason"] = reasons
         return pa.table(out)

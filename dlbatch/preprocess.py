@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image, UnidentifiedImageError
 
-from dlbatch.tokenizer import encode
+from dlbatch.tokenizer import UNK, encode
 
 try:  # libspng: PNG decoding without Pillow's per-image Python overhead (see _decode_png_fast)
     import pyspng
@@ -51,28 +51,35 @@ def _decode_png_fast(data: bytes, mode: str, height: int, width: int) -> np.ndar
 
 def _decode_one(
     data: bytes, mode: str, height: int, width: int, resize: bool
-) -> tuple[np.ndarray | None, str | None]:
+) -> tuple[np.ndarray | None, str | None, str, str]:
+    """(CHW pixels, reject reason, the decoded size "HxW" and mode before any conversion)."""
     arr = _decode_png_fast(data, mode, height, width)
+    size, decoded_mode = f"{height}x{width}", mode
     if arr is None:
         try:
             with Image.open(io.BytesIO(data)) as img:
                 img.load()
+                size, decoded_mode = f"{img.size[1]}x{img.size[0]}", img.mode
                 if img.size != (width, height):
                     if not resize:
                         reason = (
                             f"image is {img.size[1]}x{img.size[0]}, expected {height}x{width} (resize is off)"
                         )
-                        return None, reason
+                        return None, reason, size, decoded_mode
                     img = img.convert(mode).resize((width, height), Image.BILINEAR)
                 if img.mode != mode:
                     img = img.convert(mode)
                 arr = np.asarray(img, dtype=np.uint8)
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
-            return None, f"undecodable image ({type(err).__name__})"
-    return (arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)), None
+            return None, f"undecodable image ({type(err).__name__})", size, decoded_mode
+    return (arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)), None, size, decoded_mode
 
 
-def _decode_images(col: pa.Array, spec: dict[str, Any], reasons: list[str | None]) -> np.ndarray:
+def _decode_images(
+    col: pa.Array, spec: dict[str, Any], reasons: list[str | None]
+) -> tuple[np.ndarray, list[str | None], list[str | None]]:
+    """(pixels, each row's decoded size and mode before conversion; pixel arrays: the configured size and
+    mode "pixels")."""
     c, h, w = spec["channels"], spec["height"], spec["width"]
     out = np.zeros((len(col), c, h, w), dtype=np.uint8)
     if (
@@ -93,19 +100,21 @@ def _decode_images(col: pa.Array, spec: dict[str, Any], reasons: list[str | None
                     if not valid[i]
                     else f"pixel array has {lengths[i]} values, expected {c * h * w}"
                 )
-        return out
+        return out, [f"{h}x{w}"] * len(col), ["pixels"] * len(col)
     mode = "L" if c == 1 else "RGB"
     data = _image_bytes_column(col)
+    sizes: list[str | None] = [None] * len(col)
+    modes: list[str | None] = [None] * len(col)
     for i, value in enumerate(data.to_pylist()):
         if value is None:
             reasons[i] = reasons[i] or "null image"
             continue
-        arr, reason = _decode_one(value, mode, h, w, spec["resize"])
+        arr, reason, sizes[i], modes[i] = _decode_one(value, mode, h, w, spec["resize"])
         if reason:
             reasons[i] = reasons[i] or reason
         else:
             out[i] = arr
-    return out
+    return out, sizes, modes
 
 
 def _labels(col: pa.Array | None, spec: dict[str, Any], reasons: list[str | None]) -> np.ndarray:
@@ -143,8 +152,15 @@ def preprocess_batch(batch: pa.Table, spec: dict[str, Any], with_labels: bool = 
         reasons[i] = "null id"
     out: dict[str, Any] = {}
     if spec["kind"] == "image":
-        pixels = _decode_images(batch.column(spec["feature_column"]).combine_chunks(), spec, reasons)
+        pixels, sizes, modes = _decode_images(
+            batch.column(spec["feature_column"]).combine_chunks(), spec, reasons
+        )
         out["x"] = pixels  # uint8: a quarter of float32 through Ray Data; the CNN scales on its device
+        if spec.get("profile", True):  # the input profile (dlbatch/profile.py), for drift between nights
+            flat = pixels.reshape(n, -1)
+            out["prof_size"], out["prof_mode"] = pa.array(sizes, pa.string()), pa.array(modes, pa.string())
+            out["prof_mean"] = flat.mean(1, dtype=np.float64)
+            out["prof_sq"] = np.square(flat, dtype=np.uint16).mean(1, dtype=np.float64)
     else:
         texts = batch.column(spec["feature_column"]).combine_chunks()
         tokens, lengths = encode(texts, spec["tokenizer"], spec["max_length"])
@@ -154,6 +170,8 @@ def preprocess_batch(batch: pa.Table, spec: dict[str, Any], with_labels: bool = 
         for i in np.flatnonzero(~valid | empty):
             reasons[i] = reasons[i] or ("null text" if not valid[i] else "empty text")
         out["tokens"], out["length"] = tokens, np.maximum(lengths, 1)
+        if spec.get("profile", True):
+            out["prof_length"], out["prof_unknown"] = lengths, (tokens == UNK).sum(1)
     label_col = spec["label_column"]
     has_labels = with_labels and label_col in batch.column_names
     out["y"] = _labels(batch.column(label_col).combine_chunks() if has_labels else None, spec, reasons)

@@ -89,7 +89,60 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _shown(value: Any) -> str:
+    """A profile value in a table cell: a distribution as its largest shares, a number rounded."""
+    if isinstance(value, dict):
+        total = sum(value.values()) or 1
+        top = sorted(value.items(), key=lambda kv: -kv[1])[:4]
+        more = f", +{len(value) - 4} more" if len(value) > 4 else ""
+        return ", ".join(f"{k} {n / total:.0%}" for k, n in top) + more
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def _profile_section(summary: dict[str, Any]) -> str:
+    """Each split's input profile beside the references' (previous night, champion's training data), with
+    one distance per feature; drifted ones are marked."""
+    drift = summary.get("drift") or {}
+    profiles = summary.get("profile") or {}
+    if not profiles:
+        return ""
+    refs = drift.get("reference_profiles", {})
+    names = list(refs)
+    what = drift.get("references", {})
+    drifted = {(d["split"], d["feature"], d["against"]) for d in drift.get("drifted", [])}
+    header = ["split", "feature", "tonight"]
+    for name in names:
+        header += [what.get(name, name), "distance"]
+    rows = []
+    for split, profile in profiles.items():
+        if not profile:
+            continue
+        rows.append([split, "rows", profile["rows"], *([""] * (2 * len(names)))])
+        for feature, distances in drift.get("distances", {}).get(split, {}).items():
+            row = [split, feature, _shown(profile.get(feature))]
+            for name in names:
+                ref = refs[name].get(split, refs[name].get("*")) or {}
+                distance = distances.get(name)
+                mark = " (drifted)" if (split, feature, name) in drifted else ""
+                row += [_shown(ref.get(feature)), "" if distance is None else f"{distance:.3f}{mark}"]
+            rows.append(row)
+        if split not in drift.get("distances", {}):
+            for feature in ("labels", "sizes", "modes", "pixel_mean", "pixel_std", "lengths", "unknown"):
+                if feature in profile:
+                    rows.append([split, feature, _shown(profile[feature]), *([""] * (2 * len(names)))])
+    threshold = drift.get("threshold")
+    note = (
+        f"<p>Distances above {threshold:g} are drift (drift.action={html.escape(drift.get('action', 'warn'))})."
+        + ("" if names else " No earlier night to compare with yet.") + "</p>"
+        if threshold is not None else ""
+    )  # fmt: skip
+    return "<h2>Input profile and drift</h2>" + note + _table(header, rows)
+
+
 VERDICTS = {
+    "drifted": "Drifted",
     "promoted": "Promoted",
     "kept_champion": "Kept the champion",
     "below_floor": "Below the quality floor",
@@ -152,6 +205,7 @@ def render_report(summary: dict[str, Any], previous: dict[str, Any] | None = Non
             ["class", "precision", "recall", "F1", "support"],
             [[n, f"{s['precision']:.3f}", f"{s['recall']:.3f}", f"{s['f1']:.3f}", s["support"]] for n, s in zip(names, scores, strict=True)],
         ))  # fmt: skip
+    parts.append(_profile_section(summary))
     rows = summary.get("rows", {})
     durations = summary.get("durations_s", {})
     stage_rows = []

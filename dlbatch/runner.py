@@ -32,6 +32,8 @@ from dlbatch.pipeline import (
     predict_scores,
     train_model,
 )
+from dlbatch.profile import compare as compare_profiles
+from dlbatch.profile import describe as describe_drift
 from dlbatch.quality import describe as describe_quality
 from dlbatch.registry import ModelStore
 from dlbatch.report import render_report
@@ -92,6 +94,8 @@ def _task_summary(result: TaskResult, started: float, cfg: JobConfig | None = No
         "metrics": result.metrics,
         "history": result.history,
         "rows": {split: asdict(c) for split, c in result.rows.items()},
+        "profile": result.profile,
+        "drift": result.drift,
         "paths": result.paths,
         "durations_s": {**result.durations_s, "total": time.perf_counter() - started},
     }
@@ -191,28 +195,100 @@ def train_and_evaluate(cfg: JobConfig, task: Task, infos: dict, prepared: _Prepa
     result.metrics["label_variants"] = data.meta.get("label_variants", [])
     quality = result.metrics["quality"]
     floor_failure = None if quality["passed"] else describe_quality(quality)
+    references = _drift_references(paths)
+    drift_failure = _check_drift(cfg, task, result, references, ("train", "val", "test"))
     if "score" in infos:
-        champion = promote(cfg, task, data, paths, result, floor_failure)
+        champion = promote(cfg, task, data, paths, result, floor_failure or drift_failure)
         if champion is not None:
-            predict_scores(cfg, task, data, champion[0], paths, result, model_version=champion[1])
-        verdict = _night_verdict(result.metrics["promotion"], floor_failure)
+
+            def gate(profile: dict[str, Any] | None) -> str | None:
+                result.profile["score"] = profile
+                return _check_drift(cfg, task, result, references, ("score",))
+
+            predict_scores(cfg, task, data, champion[0], paths, result, model_version=champion[1], gate=gate)
+        verdict = _night_verdict(task, result, floor_failure, drift_failure)
     else:
         verdict = {"status": "below_floor", "reason": floor_failure} if floor_failure else {
             "status": "trained", "reason": f"test accuracy {result.metrics['test_accuracy']:.2%}; not promoted "
             "by this job (jobs/nightly.py promotes)"}  # fmt: skip
     summary = {"verdict": verdict, **_task_summary(result, started, cfg)}
     page = _write_task_summary(paths, summary)
-    if "score" in infos:
-        mark_published(paths.fs, paths.path(), {"run_id": paths.run_id})  # the whole nightly run is done
+    if "score" in infos and not (result.drift or {}).get("blocked"):
+        # The whole nightly run is done. A night that drift blocked is not: rerun with drift.action=warn
+        # to accept it (its model and scored parts are reused).
+        mark_published(paths.fs, paths.path(), {"run_id": paths.run_id})
     log_night(cfg, summary, paths, page)  # after everything is published: it can only cost a warning
     return summary
 
 
-def _night_verdict(promotion: dict[str, Any], floor_failure: str | None) -> dict[str, str]:
+def _drift_references(paths: RunPaths) -> dict[str, tuple[str, dict[str, Any]]]:
+    """What tonight's profiles are compared with: the previous night's splits, and the training data of
+    the champion that tonight competes with (compared with each of tonight's splits)."""
+    references: dict[str, tuple[str, dict[str, Any]]] = {}
+    previous = _previous_summary(paths)
+    if previous and previous.get("profile"):
+        references["previous"] = (f"the previous night ({previous['run_id']})", previous["profile"])
+    champion = ModelStore(paths).champion_before(paths.run_date)
+    if champion is not None:
+        night = read_json(paths.fs, f"{paths.root}/runs/{champion['version']}/{paths.task}/summary.json")
+        train = ((night or {}).get("profile") or {}).get("train")
+        if train:
+            what = f"champion {paths.task}-{champion['version']}'s training data"
+            references["champion_train"] = (what, {"*": train})
+    return references
+
+
+def _check_drift(
+    cfg: JobConfig, task: Task, result: TaskResult, references: dict, splits: tuple[str, ...]
+) -> str | None:
+    """Compare ``splits`` with the references, into ``result.drift``; warn of what drifted. Returns why
+    the night is blocked (drift.action=block), or None."""
+    if not cfg.task(task).profile:
+        return None
+    night = {s: result.profile[s] for s in splits if result.profile.get(s)}
+    found = compare_profiles(night, references, task, cfg.drift.threshold)
+    drift = result.drift or {
+        **found, "action": cfg.drift.action, "blocked": False, "distances": {}, "drifted": [],
+        "reference_profiles": {name: splits for name, (_, splits) in references.items()},
+    }  # fmt: skip
+    drift["distances"].update(found["distances"])
+    drift["drifted"].extend(found["drifted"])
+    result.drift = drift
+    if not found["drifted"]:
+        return None
+    what = describe_drift(found["drifted"], found["references"], cfg.drift.threshold)
+    log.warning("%s: %s", task, what)
+    if cfg.drift.action != "block":
+        return None
+    drift["blocked"] = True
+    return f"{what} (drift.action=block)"
+
+
+def _night_verdict(
+    task: Task, result: TaskResult, floor_failure: str | None, drift_failure: str | None
+) -> dict[str, str]:
+    promotion = result.metrics["promotion"]
     scored = promotion["champion_version"]
+    withheld = result.metrics.get("predictions_withheld")
+    if withheld:
+        then = "predictions withheld"
+    elif scored:
+        then = f"scored with {task}-{scored}"
+    else:
+        then = "no predictions published (no champion yet)"
     if floor_failure:
-        then = f"scored with champion {scored}" if scored else "no predictions published (no champion yet)"
         return {"status": "below_floor", "reason": f"{floor_failure}; not promoted, {then}"}
+    drift = result.drift or {}
+    if drift.get("drifted"):
+        what = describe_drift(drift["drifted"], drift["references"], drift["threshold"])
+        if drift_failure:
+            model = "not promoted"
+        elif promotion["promoted"]:
+            model = "promoted"
+        else:
+            model = f"not promoted ({promotion['reason']})"
+        how = "drift.action=block" if drift.get("blocked") else "drift.action=warn: nothing withheld"
+        return {"status": "drifted", "reason": f"{what}; {model}, {then} ({how})"}
     if promotion["promoted"]:
         return {"status": "promoted", "reason": f"promoted: {promotion['reason']}"}
     return {"status": "kept_champion", "reason": promotion["reason"]}
@@ -258,7 +334,10 @@ def promote(
 
 def _check_quality(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """After every task has written its outputs: a model below the quality floor fails the job."""
-    failed = [s for s in summaries if s.get("verdict", {}).get("status") == "below_floor"]
+    failed = [
+        s for s in summaries
+        if s.get("verdict", {}).get("status") == "below_floor" or (s.get("drift") or {}).get("blocked")
+    ]  # fmt: skip
     if failed:
         raise QualityError("; ".join(f"{s['task']}: {s['verdict']['reason']}" for s in failed), summaries)
     return summaries
@@ -328,8 +407,11 @@ def format_summary(summaries: list[dict[str, Any]]) -> str:
         )
         lines.append(f"[{s['task']}] {acc_text} | {rows} | {s['durations_s']['total']:.0f}s")
         promotion = s.get("metrics", {}).get("promotion")
-        if s.get("verdict", {}).get("status") == "below_floor":
+        status = s.get("verdict", {}).get("status")
+        if status == "below_floor":
             lines.append(f"  BELOW THE QUALITY FLOOR: {s['verdict']['reason']}")
+        elif status == "drifted":
+            lines.append(f"  DRIFTED: {s['verdict']['reason']}")
         elif promotion:
             verdict = "promoted" if promotion["promoted"] else "NOT promoted"
             lines.append(

@@ -135,6 +135,17 @@ def finished_parts(fs: pafs.FileSystem, parts_dir: str, wanted: set[str]) -> dic
     return found
 
 
+def staged_dataset(fs: pafs.FileSystem, staged: list[str]) -> pads.Dataset | None:
+    """The Parquet files of the staged directories as one dataset (None: there are none)."""
+    files = sorted(
+        info.path
+        for d in staged
+        for info in fs.get_file_info(pafs.FileSelector(d, allow_not_found=True))
+        if info.type == pafs.FileType.File and info.base_name.endswith(".parquet")
+    )
+    return pads.dataset(files, filesystem=fs, format="parquet") if files else None
+
+
 def publish_split(
     fs: pafs.FileSystem,
     staged: list[str],
@@ -149,13 +160,7 @@ def publish_split(
     columns, assembled in ``tmp`` (a staging path); then mark ``dest`` published and delete the staged
     directories. Returns (kept rows, rejected rows)."""
     remove_if_exists(fs, tmp)
-    files = sorted(
-        info.path
-        for d in staged
-        for info in fs.get_file_info(pafs.FileSelector(d, allow_not_found=True))
-        if info.type == pafs.FileType.File and info.base_name.endswith(".parquet")
-    )
-    dataset = pads.dataset(files, filesystem=fs, format="parquet") if files else None
+    dataset = staged_dataset(fs, staged)
     ok = pc.field("reject_reason").is_null()
     outputs = [(f"{tmp}/data", ok, keep_columns), (f"{tmp}/rejects", ~ok, reject_columns)]
     counts = []

@@ -161,6 +161,12 @@ def test_nights_quality_floor_promotion_gate_force_mlflow_and_idempotent_trigger
     ]
     report = (out / "runs/2026-11-25/text/report.html").read_text()
     assert "previous night text-2026-11-24" in report and "data:image/png;base64," in report
+    # A normal demo night after another (night 2's scrambled labels keep their distribution): no drift,
+    # against the previous night or the champion's training data, on any split.
+    drift = night3["drift"]
+    assert set(drift["references"]) == {"previous", "champion_train"}
+    assert set(drift["distances"]) == {"train", "val", "test", "score"} and drift["drifted"] == []
+    assert "Input profile and drift" in report
     assert night3["versions"]["ray"].startswith("2.60") and night3["config"]["train"]["epochs"] == 2
 
     # MLflow has every night that ran: its run (params, per-epoch metrics, summary, report, model) and a
@@ -232,6 +238,12 @@ def test_report_renders_in_a_headless_browser(tmp_path):
                                   "champion_version": "2026-11-23"}},
         "rows": {"train": {"read": 100, "used": 98, "rejected": 2}, "score": {"read": 50, "used": 50, "rejected": 0}},
         "durations_s": {"preprocess": 1.0, "train": 30.0, "predict": 2.0},
+        "profile": {"score": {"rows": 50, "labels": {"news": 30, "sport": 20}, "unknown": 0.61}},
+        "drift": {"threshold": 0.2, "action": "warn", "references": {"previous": "the previous night"},
+                  "reference_profiles": {"previous": {"score": {"rows": 60, "labels": {"news": 30, "sport": 30},
+                                                                "unknown": 0.02}}},
+                  "distances": {"score": {"labels": {"previous": 0.1}, "unknown": {"previous": 0.59}}},
+                  "drifted": [{"split": "score", "feature": "unknown", "against": "previous", "distance": 0.59}]},
     }  # fmt: skip
     previous = {"run_id": "text-2026-11-24", "test_accuracy": 0.9}
     page = tmp_path / "report.html"
@@ -241,6 +253,9 @@ def test_report_renders_in_a_headless_browser(tmp_path):
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert "87.65%" in dom.stdout and "90.00%" in dom.stdout and "-2.35 points" in dom.stdout
     assert "kept champion 2026-11-23" in dom.stdout
+    # The profile beside the previous night's, one distance per feature, the drifted one marked.
+    assert "news 60%, sport 40%" in dom.stdout and "news 50%, sport 50%" in dom.stdout
+    assert ">0.59<" not in dom.stdout and ">0.590 (drifted)<" in dom.stdout and ">0.100<" in dom.stdout
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', dom.stdout)
     assert len(images) == 2  # curves + confusion matrix, embedded: the page needs nothing else
     for data in images:
