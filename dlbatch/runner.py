@@ -101,13 +101,15 @@ def _task_summary(result: TaskResult, started: float, cfg: JobConfig | None = No
     }
 
 
-def _previous_summary(paths: RunPaths) -> dict[str, Any] | None:
-    """The latest earlier run date's summary for this task, for night-over-night comparison."""
+def _previous_summary(paths: RunPaths, finished_only: bool = False) -> dict[str, Any] | None:
+    """The latest earlier run date's summary for this task, for night-over-night comparison;
+    ``finished_only``: of a nightly run that finished (not one that drift blocked or that was killed)."""
     infos = paths.fs.get_file_info(pafs.FileSelector(f"{paths.root}/runs", allow_not_found=True))
     dates = sorted((i.base_name for i in infos if i.type == pafs.FileType.Directory), reverse=True)
     for date in dates:
-        if date < paths.run_date:
-            found = read_json(paths.fs, f"{paths.root}/runs/{date}/{paths.task}/summary.json")
+        run_dir = f"{paths.root}/runs/{date}/{paths.task}"
+        if date < paths.run_date and (not finished_only or is_published(paths.fs, run_dir)):
+            found = read_json(paths.fs, f"{run_dir}/summary.json")
             if found:
                 return found
     return None
@@ -207,10 +209,18 @@ def train_and_evaluate(cfg: JobConfig, task: Task, infos: dict, prepared: _Prepa
 
             predict_scores(cfg, task, data, champion[0], paths, result, model_version=champion[1], gate=gate)
         verdict = _night_verdict(task, result, floor_failure, drift_failure)
+    elif floor_failure:
+        verdict = {"status": "below_floor", "reason": floor_failure}
+    elif (result.drift or {}).get("drifted"):
+        result.drift["blocked"] = False  # nothing to block: this job promotes and scores nothing
+        what = describe_drift(result.drift["drifted"], result.drift["references"], result.drift["threshold"])
+        verdict = {
+            "status": "drifted",
+            "reason": f"{what}; not promoted by this job (jobs/nightly.py promotes)",
+        }
     else:
-        verdict = {"status": "below_floor", "reason": floor_failure} if floor_failure else {
-            "status": "trained", "reason": f"test accuracy {result.metrics['test_accuracy']:.2%}; not promoted "
-            "by this job (jobs/nightly.py promotes)"}  # fmt: skip
+        verdict = {"status": "trained", "reason": f"test accuracy {result.metrics['test_accuracy']:.2%}; "
+                   "not promoted by this job (jobs/nightly.py promotes)"}  # fmt: skip
     summary = {"verdict": verdict, **_task_summary(result, started, cfg)}
     page = _write_task_summary(paths, summary)
     if "score" in infos and not (result.drift or {}).get("blocked"):
@@ -225,7 +235,8 @@ def _drift_references(paths: RunPaths) -> dict[str, tuple[str, dict[str, Any]]]:
     """What tonight's profiles are compared with: the previous night's splits, and the training data of
     the champion that tonight competes with (compared with each of tonight's splits)."""
     references: dict[str, tuple[str, dict[str, Any]]] = {}
-    previous = _previous_summary(paths)
+    # A night that drift blocked is no reference: the night after it would be compared with the outlier.
+    previous = _previous_summary(paths, finished_only=True)
     if previous and previous.get("profile"):
         references["previous"] = (f"the previous night ({previous['run_id']})", previous["profile"])
     champion = ModelStore(paths).champion_before(paths.run_date)
