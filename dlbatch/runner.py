@@ -208,7 +208,7 @@ def train_and_evaluate(cfg: JobConfig, task: Task, infos: dict, prepared: _Prepa
                 return _check_drift(cfg, task, result, references, ("score",))
 
             predict_scores(cfg, task, data, champion[0], paths, result, model_version=champion[1], gate=gate)
-        verdict = _night_verdict(task, result, floor_failure, drift_failure)
+        verdict = _night_verdict(result, floor_failure, drift_failure)
     elif floor_failure:
         verdict = {"status": "below_floor", "reason": floor_failure}
     elif (result.drift or {}).get("drifted"):
@@ -276,7 +276,7 @@ def _check_drift(
 
 
 def _night_verdict(
-    task: Task, result: TaskResult, floor_failure: str | None, drift_failure: str | None
+    result: TaskResult, floor_failure: str | None, drift_failure: str | None
 ) -> dict[str, str]:
     promotion = result.metrics["promotion"]
     scored = promotion["champion_version"]
@@ -284,7 +284,7 @@ def _night_verdict(
     if withheld:
         then = "predictions withheld"
     elif scored:
-        then = f"scored with {task}-{scored}"
+        then = f"scored with champion {scored}"
     else:
         then = "no predictions published (no champion yet)"
     if floor_failure:
