@@ -74,6 +74,18 @@ def _environment(**values: str):
                 os.environ[name] = value
 
 
+@contextlib.contextmanager
+def own_address(**extra: str):
+    """The environment in which to start a private local cluster (``ray.init(address="local")``): a free
+    loopback port for its GCS and RAY_ADDRESS naming it, inherited by every process the cluster starts.
+    Without RAY_ADDRESS, Ray's state API looks for any cluster on the host; with a second one running there
+    (a `ray start`, another job), Ray Train's placement-group cleaner cannot tell whether a controller
+    lives and never removes a dead one's placement group. The caller's environment is restored after."""
+    port = _free_loopback_port()
+    with _environment(RAY_GCS_SERVER_PORT=str(port), RAY_ADDRESS=f"127.0.0.1:{port}", **extra):
+        yield
+
+
 def cluster_address(cfg: JobConfig) -> str | None:
     """The cluster this job joins: configured, or the one it was submitted to (Ray sets RAY_ADDRESS for a
     submitted job). None: the job starts a private cluster that lives and dies with its driver."""
@@ -150,17 +162,12 @@ def ensure_ray(cfg: JobConfig) -> None:
             missing,
         )
         dashboard = False
-    # The cluster's own processes must find it by its address. Without RAY_ADDRESS, Ray's state API looks
-    # for any cluster on the host; with another one running here (a `ray start`, a second job), Ray Train's
-    # placement-group cleaner asked that one whether this job's controller was alive, was told no, and
-    # quit (seen here). Every process ray.init starts inherits this environment; the driver's is restored.
     global _STARTED_LOCAL_CLUSTER
-    port = _free_loopback_port()
     num_cpus = local_num_cpus(cfg)
     # RAY_DATA_LOG_LEVEL reaches Ray Data in every worker and actor of the cluster (Ray Train's dataset
     # actors too); PYTHONWARNINGS hides deprecation warnings that Ray's own internals raise in them.
     cluster_env = {"RAY_DATA_LOG_LEVEL": data_log_level, "PYTHONWARNINGS": "ignore::DeprecationWarning"}
-    with _environment(RAY_GCS_SERVER_PORT=str(port), RAY_ADDRESS=f"127.0.0.1:{port}", **cluster_env):
+    with own_address(**cluster_env):
         context = ray.init(
             address="local",  # always a private instance: never attach to a cluster that merely runs here
             num_cpus=num_cpus,

@@ -229,7 +229,7 @@ def rejects_and_profile(
         fn_kwargs={"kind": kind, "label_column": label_column, "label_names": label_names, "id_column": id_in},
     ).materialize()  # fmt: skip
     rows = small.filter(expr=col("profile_sums").is_not_null()).select_columns(["profile_sums"]).take_all()
-    sums = merge([json.loads(row["profile_sums"]) for row in rows])
+    sums = merge([{"rows": 0, "rejected": 0}, *(json.loads(row["profile_sums"]) for row in rows)])
     if sums.get("rejected") or always_write:
         _write_rejects(small, paths, split, id_column)
     return sums

@@ -24,17 +24,11 @@ PROFILE_COLUMNS = {
 # Token-count bins of the text length distribution: upper bounds; a text longer than max_length counts
 # with its first max_length tokens.
 LENGTH_BINS = (4, 8, 16, 32, 64, 128, 256, 512)
+LENGTH_LABELS = (*(f"<={upper}" for upper in LENGTH_BINS), f">{LENGTH_BINS[-1]}")
 FEATURES = {
     "image": ("labels", "sizes", "modes", "pixel_mean", "pixel_std"),
     "text": ("labels", "lengths", "unknown"),
 }
-
-
-def length_bin(n: int) -> str:
-    for upper in LENGTH_BINS:
-        if n <= upper:
-            return f"<={upper}"
-    return f">{LENGTH_BINS[-1]}"
 
 
 def _counts(values: pa.Array) -> dict[str, int]:
@@ -62,10 +56,8 @@ def partial(batch: pa.Table, kind: str, label_column: str, label_names: list[str
         out["pixel_sq_sum"] = float(pc.sum(used.column("prof_sq")).as_py() or 0.0)
     else:
         lengths = used.column("prof_length").to_numpy(zero_copy_only=False)
-        bins: dict[str, int] = {}
-        for n, count in zip(*np.unique(lengths, return_counts=True), strict=True):
-            bins[length_bin(int(n))] = bins.get(length_bin(int(n)), 0) + int(count)
-        out["lengths"] = bins
+        hist = np.bincount(np.searchsorted(LENGTH_BINS, lengths), minlength=len(LENGTH_LABELS))
+        out["lengths"] = {LENGTH_LABELS[i]: int(n) for i, n in enumerate(hist) if n}
         out["tokens"] = int(lengths.sum())
         out["unknown_tokens"] = int(pc.sum(used.column("prof_unknown")).as_py() or 0)
     return out
@@ -101,8 +93,8 @@ def finish(sums: dict[str, Any], kind: str, labels_from: str = "labels") -> dict
         profile["pixel_std"] = math.sqrt(max(square - mean * mean, 0.0)) if rows else None
     else:
         tokens = sums.get("tokens", 0)
-        order = {length_bin(b): i for i, b in enumerate((*LENGTH_BINS, LENGTH_BINS[-1] + 1))}
-        profile["lengths"] = dict(sorted(sums.get("lengths", {}).items(), key=lambda kv: order[kv[0]]))
+        lengths = sums.get("lengths", {})
+        profile["lengths"] = {label: lengths[label] for label in LENGTH_LABELS if label in lengths}
         profile["mean_length"] = tokens / rows if rows else None
         profile["unknown"] = sums.get("unknown_tokens", 0) / tokens if tokens else None
     return profile

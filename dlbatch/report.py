@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from dlbatch.profile import FEATURES
+
 
 def per_class_scores(confusion: list[list[int]]) -> list[dict[str, float]]:
     """Precision, recall, F1 and support per class from a confusion matrix (rows: true, cols: predicted)."""
@@ -129,7 +131,7 @@ def _profile_section(summary: dict[str, Any]) -> str:
                 row += [_shown(ref.get(feature)), "" if distance is None else f"{distance:.3f}{mark}"]
             rows.append(row)
         if split not in drift.get("distances", {}):
-            for feature in ("labels", "sizes", "modes", "pixel_mean", "pixel_std", "lengths", "unknown"):
+            for feature in FEATURES.get(summary["task"], ()):
                 if feature in profile:
                     rows.append([split, feature, _shown(profile[feature]), *([""] * (2 * len(names)))])
     threshold = drift.get("threshold")

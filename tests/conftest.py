@@ -14,13 +14,11 @@ import pytest
 def ray_cluster():
     import ray
 
-    from dlbatch.cluster import _environment, _free_loopback_port
+    from dlbatch.cluster import own_address
 
-    # The cluster's processes are told its address, as dlbatch's own local cluster does: without it, Ray
-    # Train's placement-group cleaner looks for "the" cluster on the host, fails when a test's subprocess
-    # job runs a second one, and leaves a killed controller's placement group holding its CPUs.
-    port = _free_loopback_port()
-    with _environment(RAY_GCS_SERVER_PORT=str(port), RAY_ADDRESS=f"127.0.0.1:{port}"):
+    # Told its own address, as dlbatch's local cluster is: a test's subprocess job runs a second cluster on
+    # this host, and without it a killed controller's placement group would keep holding its CPUs.
+    with own_address():
         # More logical CPUs than cores on purpose: training workers hold CPUs for a whole fit and Ray Data
         # still needs some, or a fit would hang. Loopback only.
         ray.init(
