@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import itertools
+import threading
 from collections.abc import Iterator
 
 import numpy as np
@@ -29,6 +30,8 @@ TOKENIZER_FILE = "tokenizer.json"
 CHARS_PER_TOKEN = 16
 # Training rows the tokenizer learns from at most; a larger split is sampled (seeded) down to about this.
 TRAIN_ROWS = 1_000_000
+# The BMP CJK ideographs that the normalizer (``handle_chinese_chars``) puts spaces around.
+CJK_BMP = ((0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF))
 
 
 def new_tokenizer():
@@ -60,15 +63,82 @@ def tokenizer_sha256(tokenizer_json: str) -> str:
     return hashlib.sha256(tokenizer_json.encode()).hexdigest()
 
 
-@functools.lru_cache(maxsize=4)
-def _loaded(tokenizer_json: str, max_length: int):
-    """A tokenizer ready to encode, once per process and tokenizer (``map_batches`` calls per batch)."""
-    from tokenizers import Tokenizer
+class _Encoder:
+    """Encodes batches through a per-process memo of chunk -> ids in front of the library's encoder.
 
-    tokenizer = Tokenizer.from_str(tokenizer_json)
-    tokenizer.enable_truncation(max_length)
-    tokenizer.enable_padding(length=max_length, pad_id=PAD, pad_token=PAD_TOKEN)
-    return tokenizer
+    Text is cut, in Arrow buffers, only where the tokenizer's own normalizer and pre-tokenizer cut it too:
+    at ASCII spaces and around each BMP CJK ideograph (which the normalizer isolates). So the ids of a text
+    are the concatenation of its chunks' ids, exactly (tests/test_tokenizer.py checks this against
+    ``Tokenizer.encode``), and a batch only asks the library for chunks not seen before in this process.
+    Real text repeats its words and characters, so after a few batches most chunks are hits.
+    """
+
+    MAX_ENTRIES = 200_000  # memo entries per process (~25 MB); cleared before a batch would pass it
+    MAX_CHUNK_CHARS = 100  # longer chunks (blobs, long URLs) are encoded for their batch, never looked up
+
+    def __init__(self, tokenizer_json: str):
+        from tokenizers import Tokenizer
+
+        self.tokenizer = Tokenizer.from_str(tokenizer_json)
+        self.lock = threading.Lock()  # Ray Data may call one process's map_batches from several threads
+        self._clear()
+
+    def _clear(self) -> None:
+        self.entry: dict[str, int] = {}
+        self.ids = np.zeros(0, np.int64)  # every entry's ids, one after another
+        self.start, self.size = np.zeros(0, np.int64), np.zeros(0, np.int64)
+
+    def lookup(self, chunks: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(start, size) of each chunk's ids in the returned flat ids array."""
+        with self.lock:
+            if len(self.size) + len(chunks) > self.MAX_ENTRIES:
+                self._clear()
+            at = np.array([self.entry.get(c, -1) for c in chunks], dtype=np.int64)
+            missing = np.flatnonzero(at < 0)
+            if len(missing):
+                new = [chunks[i] for i in missing]
+                found = self.tokenizer.encode_batch_fast(new, add_special_tokens=False)
+                size = np.array([len(e.ids) for e in found], dtype=np.int64)
+                ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in found), np.int64, size.sum())
+                first = len(self.size)
+                self.start = np.concatenate([self.start, len(self.ids) + np.cumsum(size) - size])
+                self.size, self.ids = np.concatenate([self.size, size]), np.concatenate([self.ids, ids])
+                at[missing] = np.arange(first, first + len(new))
+                self.entry.update((c, first + k) for k, c in enumerate(new) if len(c) <= self.MAX_CHUNK_CHARS)
+            return self.start[at], self.size[at], self.ids
+
+
+@functools.lru_cache(maxsize=4)
+def _encoder(tokenizer_json: str) -> _Encoder:
+    return _Encoder(tokenizer_json)
+
+
+def _chunks(texts: pa.LargeStringArray) -> tuple[pa.LargeStringArray, np.ndarray]:
+    """Texts cut at ASCII spaces and around BMP CJK ideographs, zero-copy over the same UTF-8 buffer;
+    returns the chunks (spaces kept as chunks of their own, which encode to nothing) and each one's row."""
+    offsets = np.frombuffer(texts.buffers()[1], np.int64)[texts.offset : texts.offset + len(texts) + 1]
+    data = np.frombuffer(texts.buffers()[2] or b"", np.uint8)
+    lo, hi = int(offsets[0]), int(offsets[-1])
+    cut = np.zeros(hi + 1, dtype=bool)
+    cut[offsets] = True
+    body = data[lo:hi]
+    space = np.flatnonzero(body == 0x20) + lo
+    cut[space] = cut[space + 1] = True
+    # 3-byte UTF-8 sequences (lead byte 0xE3-0xEF) whose code point is a BMP CJK ideograph.
+    lead = np.flatnonzero((body >= 0xE3) & (body <= 0xEF)) + lo
+    lead = lead[lead + 2 < hi]
+    cp = ((data[lead].astype(np.int32) & 0x0F) << 12) | ((data[lead + 1] & 0x3F).astype(np.int32) << 6)
+    cp |= data[lead + 2] & 0x3F
+    in_cjk = np.zeros(len(cp), dtype=bool)
+    for first, last in CJK_BMP:
+        in_cjk |= (cp >= first) & (cp <= last)
+    cjk = lead[in_cjk]
+    cut[cjk] = cut[cjk + 3] = True
+    bounds = np.flatnonzero(cut[lo:]) + lo
+    chunks = pa.LargeStringArray.from_buffers(
+        len(bounds) - 1, pa.py_buffer(bounds.astype(np.int64)), texts.buffers()[2]
+    )
+    return chunks, np.searchsorted(offsets, bounds[:-1], side="right") - 1
 
 
 def vocab_len(tokenizer_json: str) -> int:
@@ -78,13 +148,24 @@ def vocab_len(tokenizer_json: str) -> int:
 
 
 def encode(texts: pa.Array, tokenizer_json: str, max_length: int) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens (B, T) int64, lengths (B,) int64), truncated and padded to ``max_length``. Nulls encode as
-    empty (length 0): the caller rejects them."""
-    tokenizer = _loaded(tokenizer_json, max_length)
+    """(tokens (B, T) int64, lengths (B,) int64), truncated and padded to ``max_length``: the same ids as
+    the tokenizer's own ``encode`` gives each text. Nulls encode as empty (length 0): the caller rejects
+    them."""
     if isinstance(texts, pa.ChunkedArray):
         texts = texts.combine_chunks()
     clipped = pc.utf8_slice_codeunits(pc.fill_null(texts, ""), 0, max_length * CHARS_PER_TOKEN)
-    encodings = tokenizer.encode_batch_fast(clipped.to_pylist(), add_special_tokens=False)
-    flat = itertools.chain.from_iterable(e.ids for e in encodings)
-    tokens = np.fromiter(flat, dtype=np.int64, count=len(encodings) * max_length).reshape(-1, max_length)
-    return tokens, (tokens != PAD).sum(1)  # padding is the only source of id 0
+    chunks, rows = _chunks(clipped.cast(pa.large_string()))
+    # Each distinct chunk of the batch looked up once, then its ids gathered for every place it occurs.
+    distinct = chunks.dictionary_encode()
+    start, size, ids = _encoder(tokenizer_json).lookup(distinct.dictionary.to_pylist())
+    which = distinct.indices.to_numpy()
+    n_ids = size[which]  # ids per chunk, in text order
+    chunk_of = np.repeat(np.arange(len(which)), n_ids)
+    within = np.arange(len(chunk_of)) - (np.cumsum(n_ids) - n_ids)[chunk_of]
+    row_of = rows[chunk_of]
+    lengths = np.bincount(row_of, minlength=len(texts)).astype(np.int64)
+    pos = np.arange(len(chunk_of)) - (np.cumsum(lengths) - lengths)[row_of]
+    keep = pos < max_length
+    tokens = np.zeros((len(texts), max_length), dtype=np.int64)
+    tokens[row_of[keep], pos[keep]] = ids[start[which[chunk_of[keep]]] + within[keep]]
+    return tokens, np.minimum(lengths, max_length)
