@@ -1,6 +1,8 @@
 """A self-contained HTML report per task run: what a person opens in the morning.
 
-Plots (matplotlib, Agg backend) are embedded as base64 PNGs, so the page has no external references.
+Plots (matplotlib, Agg backend) are embedded as base64 SVGs, so the page has no external references. Their
+text stays text, drawn by the browser with its own fonts: label names in any script (matplotlib's bundled
+font has no CJK glyphs, and a PNG of Chinese labels showed empty boxes).
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import warnings
 from typing import Any
 
 import numpy as np
@@ -30,9 +33,14 @@ def per_class_scores(confusion: list[list[int]]) -> list[dict[str, float]]:
     ]
 
 
-def _png(fig) -> str:
+def _svg(fig) -> str:
+    import matplotlib
+
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    with matplotlib.rc_context({"svg.fonttype": "none"}), warnings.catch_warnings():
+        # Layout measures with the bundled font, which lacks CJK glyphs; the browser draws them.
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        fig.savefig(buf, format="svg", bbox_inches="tight")
     return base64.b64encode(buf.getvalue()).decode()
 
 
@@ -58,7 +66,7 @@ def _curves(history: list[dict[str, Any]]) -> str:
 
     for ax in (ax_loss, ax_acc):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    data = _png(fig)
+    data = _svg(fig)
     plt.close(fig)
     return data
 
@@ -80,7 +88,7 @@ def _confusion_plot(confusion: list[list[int]], names: list[str]) -> str:
         ax.text(
             j, i, str(v), ha="center", va="center", fontsize=7, color="white" if v > cm.max() / 2 else "black"
         )
-    data = _png(fig)
+    data = _svg(fig)
     plt.close(fig)
     return data
 
@@ -191,7 +199,7 @@ def render_report(summary: dict[str, Any], previous: dict[str, Any] | None = Non
         )
     if summary.get("history"):
         parts.append(
-            f"<h2>Training</h2><img alt='loss and accuracy per epoch' src='data:image/png;base64,{_curves(summary['history'])}'>"
+            f"<h2>Training</h2><img alt='loss and accuracy per epoch' src='data:image/svg+xml;base64,{_curves(summary['history'])}'>"
         )
         parts.append(_table(
             ["epoch", "train loss", "val loss", "val accuracy", "samples/s", "seconds"],
@@ -200,7 +208,7 @@ def render_report(summary: dict[str, Any], previous: dict[str, Any] | None = Non
         ))  # fmt: skip
     if metrics.get("confusion"):
         parts.append(
-            f"<h2>Test set</h2><img alt='confusion matrix' src='data:image/png;base64,{_confusion_plot(metrics['confusion'], names)}'>"
+            f"<h2>Test set</h2><img alt='confusion matrix' src='data:image/svg+xml;base64,{_confusion_plot(metrics['confusion'], names)}'>"
         )
         scores = per_class_scores(metrics["confusion"])
         parts.append(_table(

@@ -3,7 +3,6 @@ force=true redoes a night in the model store too, scoring keeps to the champion,
 twice does the work once."""
 
 import base64
-import io
 import json
 import logging
 import re
@@ -160,7 +159,7 @@ def test_nights_quality_floor_promotion_gate_force_mlflow_and_idempotent_trigger
         "2026-11-25",
     ]
     report = (out / "runs/2026-11-25/text/report.html").read_text()
-    assert "previous night text-2026-11-24" in report and "data:image/png;base64," in report
+    assert "previous night text-2026-11-24" in report and "data:image/svg+xml;base64," in report
     # A normal demo night after another (night 2's scrambled labels keep their distribution): no drift,
     # against the previous night or the champion's training data, on any split.
     drift = night3["drift"]
@@ -233,14 +232,14 @@ def test_report_renders_in_a_headless_browser(tmp_path):
                 "samples_per_s": 1000 + e, "epoch_s": 2.0} for e in range(3)]  # fmt: skip
     summary = {
         "task": "text", "run_id": "text-2026-11-25", "test_accuracy": 0.8765, "history": history,
-        "metrics": {"confusion": [[40, 10], [5, 45]], "label_names": ["news", "sport"],
+        "metrics": {"confusion": [[40, 10], [5, 45]], "label_names": ["news", "体育"],
                     "promotion": {"promoted": False, "reason": "kept champion 2026-11-23: test accuracy lower",
                                   "champion_version": "2026-11-23"}},
         "rows": {"train": {"read": 100, "used": 98, "rejected": 2}, "score": {"read": 50, "used": 50, "rejected": 0}},
         "durations_s": {"preprocess": 1.0, "train": 30.0, "predict": 2.0},
-        "profile": {"score": {"rows": 50, "labels": {"news": 30, "sport": 20}, "unknown": 0.61}},
+        "profile": {"score": {"rows": 50, "labels": {"news": 30, "体育": 20}, "unknown": 0.61}},
         "drift": {"threshold": 0.2, "action": "warn", "references": {"previous": "the previous night"},
-                  "reference_profiles": {"previous": {"score": {"rows": 60, "labels": {"news": 30, "sport": 30},
+                  "reference_profiles": {"previous": {"score": {"rows": 60, "labels": {"news": 30, "体育": 30},
                                                                 "unknown": 0.02}}},
                   "distances": {"score": {"labels": {"previous": 0.1}, "unknown": {"previous": 0.59}}},
                   "drifted": [{"split": "score", "feature": "unknown", "against": "previous", "distance": 0.59}]},
@@ -254,12 +253,14 @@ def test_report_renders_in_a_headless_browser(tmp_path):
     assert "87.65%" in dom.stdout and "90.00%" in dom.stdout and "-2.35 points" in dom.stdout
     assert "kept champion 2026-11-23" in dom.stdout
     # The profile beside the previous night's, one distance per feature, the drifted one marked.
-    assert "news 60%, sport 40%" in dom.stdout and "news 50%, sport 50%" in dom.stdout
+    assert "news 60%, 体育 40%" in dom.stdout and "news 50%, 体育 50%" in dom.stdout
     assert ">0.59<" not in dom.stdout and ">0.590 (drifted)<" in dom.stdout and ">0.100<" in dom.stdout
-    images = re.findall(r'src="data:image/png;base64,([^"]+)"', dom.stdout)
+    images = re.findall(r'src="data:image/svg\+xml;base64,([^"]+)"', dom.stdout)
     assert len(images) == 2  # curves + confusion matrix, embedded: the page needs nothing else
-    for data in images:
-        assert Image.open(io.BytesIO(base64.b64decode(data))).size[0] > 200
+    curves, confusion = (base64.b64decode(data).decode() for data in images)
+    assert float(re.search(r'<svg[^>]* width="([0-9.]+)pt"', curves).group(1)) > 200
+    # Text stays text, drawn by the browser in any script (a PNG showed empty boxes for Chinese labels).
+    assert ">val accuracy</text>" in curves and ">体育</text>" in confusion and ">news</text>" in confusion
     # Per-class scores, known from the confusion matrix: news p=40/45, r=40/50, F1=0.842; sport p=45/55,
     # r=45/50, F1=0.857.
     assert ">0.889<" in dom.stdout and ">0.800<" in dom.stdout and ">0.842<" in dom.stdout
