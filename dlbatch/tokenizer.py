@@ -97,9 +97,9 @@ class _Encoder:
             missing = np.flatnonzero(at < 0)
             if len(missing):
                 new = [chunks[i] for i in missing]
-                found = self.tokenizer.encode_batch_fast(new, add_special_tokens=False)
-                size = np.array([len(e.ids) for e in found], dtype=np.int64)
-                ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in found), np.int64, size.sum())
+                found = [e.ids for e in self.tokenizer.encode_batch_fast(new, add_special_tokens=False)]
+                size = np.fromiter(map(len, found), np.int64, len(found))
+                ids = np.fromiter(itertools.chain.from_iterable(found), np.int64, size.sum())
                 first = len(self.size)
                 self.start = np.concatenate([self.start, len(self.ids) + np.cumsum(size) - size])
                 self.size, self.ids = np.concatenate([self.size, size]), np.concatenate([self.ids, ids])
@@ -141,6 +141,11 @@ def _chunks(texts: pa.LargeStringArray) -> tuple[pa.LargeStringArray, np.ndarray
     return chunks, np.searchsorted(offsets, bounds[:-1], side="right") - 1
 
 
+def _within(counts: np.ndarray, owner: np.ndarray) -> np.ndarray:
+    """Each item's index within its group, for items listed group after group (``counts`` per group)."""
+    return np.arange(len(owner)) - (np.cumsum(counts) - counts)[owner]
+
+
 def vocab_len(tokenizer_json: str) -> int:
     from tokenizers import Tokenizer
 
@@ -161,11 +166,10 @@ def encode(texts: pa.Array, tokenizer_json: str, max_length: int) -> tuple[np.nd
     which = distinct.indices.to_numpy()
     n_ids = size[which]  # ids per chunk, in text order
     chunk_of = np.repeat(np.arange(len(which)), n_ids)
-    within = np.arange(len(chunk_of)) - (np.cumsum(n_ids) - n_ids)[chunk_of]
     row_of = rows[chunk_of]
     lengths = np.bincount(row_of, minlength=len(texts)).astype(np.int64)
-    pos = np.arange(len(chunk_of)) - (np.cumsum(lengths) - lengths)[row_of]
+    pos = _within(lengths, row_of)
     keep = pos < max_length
-    tokens = np.zeros((len(texts), max_length), dtype=np.int64)
-    tokens[row_of[keep], pos[keep]] = ids[start[which[chunk_of[keep]]] + within[keep]]
+    tokens = np.full((len(texts), max_length), PAD, dtype=np.int64)
+    tokens[row_of[keep], pos[keep]] = ids[start[which[chunk_of[keep]]] + _within(n_ids, chunk_of)[keep]]
     return tokens, np.minimum(lengths, max_length)
