@@ -13,4 +13,4 @@ COPY --chown=ray:users pyproject.toml README.md ./
 COPY --chown=ray:users dlbatch ./dlbatch
 COPY --chown=ray:users jobs ./jobs
 # Ray is already in the image (this keeps it); torch comes from PyPI, its CUDA build on Linux.
-RUN pip install --no-cache-dir . && python -c "import dlbatch.runner, ray, torch; print(ray.__version__, torch.__version__)"
+RUN pip install --no-cache-dir . && python -c "import dlbatch.flow, ray, torch; print(ray.__version__, torch.__version__)"

@@ -41,7 +41,7 @@ from faultutil import kill_process_when, kill_tree, registered_metrics, write_sc
 from dlbatch.checkpoint import load_model  # noqa: E402
 from dlbatch.config import load_config  # noqa: E402
 from dlbatch.demo import write_demo_data  # noqa: E402
-from dlbatch.runner import run_predict, run_train  # noqa: E402
+from dlbatch.flow import run_predict, run_train  # noqa: E402
 from dlbatch.store import PART_DONE  # noqa: E402
 
 RUN_DATE = "2026-11-25"

@@ -22,21 +22,23 @@ import torch
 from plain import accuracy, load_split, spec_for, train_plain
 
 from dlbatch.config import load_config
-from dlbatch.pipeline import check_task_data, data_paths
-from dlbatch.runner import run_nightly
+from dlbatch.context import build_context
+from dlbatch.flow import run_nightly
+from dlbatch.ingest import check_data, checkpoint_meta, data_paths, learn
 
 
 def plain_accuracy(cfg, task: str, seed: int) -> float:
     tcfg = cfg.task(task).train
-    data = check_task_data(cfg, task, ("train", "val", "test"))
-    paths = data_paths(cfg, task)
-    spec = spec_for(task, data.meta)
+    ctx = build_context(cfg, task, "train")
+    meta = checkpoint_meta(ctx, learn(ctx, check_data(ctx)))
+    paths = data_paths(ctx)
+    spec = spec_for(task, meta)
     train, val, test = (load_split(paths[s], spec) for s in ("train", "val", "test"))
     if seed:
         order = torch.randperm(len(train["y"]), generator=torch.Generator().manual_seed(seed))
         train = {name: values[order] for name, values in train.items()}
     model, _ = train_plain(
-        task, data.meta, train, val, tcfg.epochs, tcfg.batch_size * tcfg.num_workers, tcfg.lr, seed
+        task, meta, train, val, tcfg.epochs, tcfg.batch_size * tcfg.num_workers, tcfg.lr, seed
     )
     return accuracy(model, task, test)
 

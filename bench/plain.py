@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from dlbatch.models import build_model, fast_layout, forward_batch
+from dlbatch.config import task_config
 from dlbatch.predict import preprocess_spec
 from dlbatch.preprocess import preprocess_batch
 
@@ -93,4 +94,4 @@ def accuracy(model: torch.nn.Module, kind: str, data: dict) -> float:
 
 
 def spec_for(kind: str, meta: dict[str, Any]) -> dict[str, Any]:
-    return preprocess_spec(kind, meta["config"], meta)
+    return preprocess_spec(kind, task_config(kind, meta["config"]), meta)

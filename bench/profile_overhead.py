@@ -28,7 +28,7 @@ sys.path.insert(0, str(HERE.parent))
 from dlbatch.cluster import ensure_ray  # noqa: E402
 from dlbatch.config import load_config  # noqa: E402
 from dlbatch.demo import write_demo_data  # noqa: E402
-from dlbatch.runner import run_nightly  # noqa: E402
+from dlbatch.flow import run_nightly  # noqa: E402
 
 OFF = ("image.profile=false", "text.profile=false")
 

@@ -42,11 +42,12 @@ from plain import load_split, spec_for, train_plain
 
 from dlbatch.checkpoint import load_model
 from dlbatch.config import load_config
+from dlbatch.context import build_context
 from dlbatch.demo import make_image_table
+from dlbatch.flow import run_predict, run_train
+from dlbatch.ingest import check_data, checkpoint_meta, data_paths, learn
 from dlbatch.models import fast_layout
-from dlbatch.pipeline import check_task_data, data_paths
 from dlbatch.preprocess import preprocess_batch
-from dlbatch.runner import run_predict, run_train
 
 HERE = Path(__file__).parent
 
@@ -277,10 +278,11 @@ def _bench_training_task(
         excess.append(stage[-1] - sum(h["epoch_s"] for h in hist) + (hist[0]["epoch_s"] - hist[1]["epoch_s"]))
         model_dir[:] = [summary["paths"]["model"]]
         if "train" not in plain_data:
-            data = check_task_data(cfg, task, ("train", "val"))
-            paths = data_paths(cfg, task)
-            spec = spec_for(task, data.meta)
-            plain_data.update(meta=data.meta, train=load_split(paths["train"], spec),
+            ctx = build_context(cfg, task, "train")
+            meta = checkpoint_meta(ctx, learn(ctx, check_data(ctx)))  # the fit's own labels and tokenizer
+            paths = data_paths(ctx)
+            spec = spec_for(task, meta)
+            plain_data.update(meta=meta, train=load_split(paths["train"], spec),
                               val=load_split(paths["val"], spec))  # fmt: skip
 
     def run_unshuffled(settings: list[str]) -> None:

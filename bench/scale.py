@@ -35,8 +35,8 @@ def main() -> int:
 
     from dlbatch.cluster import ensure_ray
     from dlbatch.config import load_config
-    from dlbatch.pipeline import preprocessed_bytes
-    from dlbatch.runner import run_train
+    from dlbatch.flow import run_train
+    from dlbatch.ingest import preprocessed_bytes
 
     root = tempfile.mkdtemp(prefix="dlbatch-scale-")
     ensure_ray(load_config(None, []))
@@ -50,7 +50,7 @@ def main() -> int:
         with PeakRSS() as mem:
             [summary] = run_train(cfg)
         [epoch] = summary["history"]
-        nbytes = preprocessed_bytes("image", cfg.image.model_dump(), summary["rows"]["train"]["read"])
+        nbytes = preprocessed_bytes(cfg.image, summary["rows"]["train"]["read"])
         results["runs"].append({
             "train_rows": summary["rows"]["train"]["read"],
             "preprocessed_bytes_estimate": nbytes,

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dlbatch.cluster import ensure_ray  # noqa: E402
 from dlbatch.config import load_config  # noqa: E402
 from dlbatch.demo import write_demo_data  # noqa: E402
-from dlbatch.runner import run_train  # noqa: E402
+from dlbatch.flow import run_train  # noqa: E402
 
 
 class ProcessSampler:

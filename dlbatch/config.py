@@ -1,7 +1,8 @@
 """Typed, frozen job configuration: YAML file plus ``key=value`` overrides.
 
 YAML is parsed with ``yaml.safe_load`` (config is data, never code). Unknown keys and wrong types are
-errors. Configs travel to Ray workers as plain dicts (``cfg.model_dump()``).
+errors. The typed objects themselves travel to Ray workers and tasks (pydantic models pickle), so the
+types hold on both sides; checkpoints keep ``model_dump(mode="json")``.
 """
 
 from __future__ import annotations
@@ -131,10 +132,18 @@ class ImageTaskConfig(TaskConfig):
     image: ImageConfig = ImageConfig()
     model: CNNConfig = CNNConfig()
 
+    @property
+    def feature_column(self) -> str:
+        return self.image.column
+
 
 class TextTaskConfig(TaskConfig):
     text: TextConfig = TextConfig()
     model: GRUConfig = GRUConfig()
+
+    @property
+    def feature_column(self) -> str:
+        return self.text.column
 
 
 class ClusterConfig(_Frozen):
@@ -277,3 +286,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         data = _merge(data, parse_overrides(overrides))
         source = f"{source} + overrides"
     return build_config(data, source)
+
+
+def task_config(kind: Task, saved: dict[str, Any]) -> ImageTaskConfig | TextTaskConfig:
+    """A task config back from its JSON form (as saved in checkpoints and summaries)."""
+    return (ImageTaskConfig if kind == "image" else TextTaskConfig).model_validate(saved)

@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from dlbatch.config import TaskConfig, TextConfig
 from dlbatch.errors import DataError
 from dlbatch.preprocess import PATH_COL, ROW_HASH_COL
 
@@ -147,21 +148,21 @@ def _check_pixel_lengths(fs: pafs.FileSystem, path: str, column: str, shape: tup
 def inspect_split(
     name: str,
     path: str,
-    task_cfg: dict[str, Any],
+    task_cfg: TaskConfig,
     kind: str,
     needs_label: bool,
     filesystem: pafs.FileSystem | None = None,
 ) -> SplitInfo:
     """Check a split from its Parquet footers: files exist and are Parquet, columns present with usable types."""
-    data_cfg = task_cfg["data"]
+    data_cfg = task_cfg.data
     fs, root = resolve_path(path, filesystem)
-    files = _list_parquet_files(fs, root, path, data_cfg["partition"])
-    feature = task_cfg["image"]["column"] if kind == "image" else task_cfg["text"]["column"]
+    files = _list_parquet_files(fs, root, path, data_cfg.partition)
+    feature = task_cfg.feature_column
     shape = None
     if kind == "image":
-        img = task_cfg["image"]
-        shape = (img["channels"], img["height"], img["width"])
-    label_col = data_cfg["label_column"]
+        img = task_cfg.image
+        shape = (img.channels, img.height, img.width)
+    label_col = data_cfg.label_column
     total, schema, label_type, file_rows = 0, None, None, []
     partition_labels: dict[str, str] = {}  # file -> its label=<value> partition key
     for f in files:
@@ -185,7 +186,7 @@ def inspect_split(
                     f"{f}: column {label_col!r} is {this}, other files of {path} have {label_type}"
                 )
             label_type = this
-        for col in data_cfg["passthrough_columns"]:
+        for col in data_cfg.passthrough_columns:
             if col not in file_schema.names:
                 raise DataError(f"{f}: missing pass-through column {col!r}")
         schema = schema or file_schema
@@ -198,7 +199,7 @@ def inspect_split(
             unlabeled = next(f for f in files if f not in partition_labels)
             raise DataError(f"{unlabeled}: no label column {label_col!r} and no {label_col}=<value> partition key, "
                             f"unlike other files of {path}")  # fmt: skip
-        label_type = _partition_label_type(partition_labels, label_col, data_cfg["label_type"])
+        label_type = _partition_label_type(partition_labels, label_col, data_cfg.label_type)
         extra["label_partition"] = (label_col, label_type)
     dictionaries = [f.name for f in schema if pa.types.is_dictionary(f.type)]
     if dictionaries:
@@ -212,7 +213,7 @@ def inspect_split(
         files=files,
         num_rows=total,
         schema=schema,
-        has_id=data_cfg["id_column"] in schema.names,
+        has_id=data_cfg.id_column in schema.names,
         has_label=label_col in schema.names or bool(partition_labels),
         label_type=label_type,
         extra=extra,
@@ -284,15 +285,14 @@ def _decode_dictionaries(batch: pa.Table) -> pa.Table:
     return batch
 
 
-def split_columns(info: SplitInfo, task_cfg: dict[str, Any], kind: str, with_label: bool) -> list[str]:
+def split_columns(info: SplitInfo, task_cfg: TaskConfig, with_label: bool) -> list[str]:
     """The columns preprocessing needs (column projection keeps reads small)."""
-    data_cfg = task_cfg["data"]
-    feature = task_cfg["image"]["column"] if kind == "image" else task_cfg["text"]["column"]
-    cols = [feature, *data_cfg["passthrough_columns"]]
+    data_cfg = task_cfg.data
+    cols = [task_cfg.feature_column, *data_cfg.passthrough_columns]
     if info.has_id:
-        cols.append(data_cfg["id_column"])
+        cols.append(data_cfg.id_column)
     if with_label and info.has_label:
-        cols.append(data_cfg["label_column"])
+        cols.append(data_cfg.label_column)
     return [c for c in dict.fromkeys(cols) if c not in (PATH_COL, ROW_HASH_COL)]
 
 
@@ -332,10 +332,10 @@ def count_values(
     return ray.get(merge.remote(*refs, limit=limit, min_count=min_count))
 
 
-def build_label_names(info: SplitInfo, task_cfg: dict[str, Any]) -> list[str]:
+def build_label_names(info: SplitInfo, task_cfg: TaskConfig) -> list[str]:
     """Class names in index order. Int labels: 0..K-1 (K from config or the data). Strings: sorted distinct values."""
-    label_col = task_cfg["data"]["label_column"]
-    num_classes = task_cfg["data"]["num_classes"]
+    label_col = task_cfg.data.label_column
+    num_classes = task_cfg.data.num_classes
     ds = read_split(info, columns=[label_col])
     values = count_values(ds, value_counts, {"column": label_col})["value"].to_pylist()
     if not values:
@@ -368,14 +368,13 @@ def label_variants(names: list[str]) -> list[list[str]]:
     return [sorted(g) for _, g in sorted(groups.items()) if len(g) > 1]
 
 
-def build_tokenizer(info: SplitInfo, task_cfg: dict[str, Any], seed: int = 0) -> str:
+def build_tokenizer(info: SplitInfo, text_cfg: TextConfig, seed: int = 0) -> str:
     """The text task's tokenizer (its JSON), trained on the training split's text as Ray Data streams it
     through the driver in batches (never the whole corpus at once). A split of more than
     ``tokenizer.TRAIN_ROWS`` rows is sampled down to about that many rows, drawn from ``seed``."""
     from dlbatch.tokenizer import TRAIN_ROWS, train_tokenizer
 
-    text_cfg = task_cfg["text"]
-    column = text_cfg["column"]
+    column = text_cfg.column
     ds = read_split(info, columns=[column])
     if info.num_rows > TRAIN_ROWS:
         ds = ds.random_sample(TRAIN_ROWS / info.num_rows, seed=seed)
@@ -384,4 +383,4 @@ def build_tokenizer(info: SplitInfo, task_cfg: dict[str, Any], seed: int = 0) ->
         for batch in ds.iter_batches(batch_size=4096, batch_format="pyarrow"):
             yield pc.drop_null(batch.column(column)).to_pylist()
 
-    return train_tokenizer(texts(), text_cfg["vocab_size"], text_cfg["min_count"])
+    return train_tokenizer(texts(), text_cfg.vocab_size, text_cfg.min_count)

@@ -107,28 +107,28 @@ def build_model(kind: str, model_args: dict) -> nn.Module:
     raise ValueError(f"unknown model kind {kind!r}")
 
 
-def model_args_for(kind: str, num_classes: int, task_cfg: dict, vocab_len: int | None = None) -> dict:
-    """Model args from a task config dict (as sent to workers) and facts learned from the data."""
-    model = task_cfg["model"]
-    if kind == "image":
-        img = task_cfg["image"]
+def model_args_for(task_cfg, num_classes: int, vocab_len: int | None = None) -> dict:
+    """Model args (as saved in checkpoints) from a typed task config and facts learned from the data."""
+    model = task_cfg.model
+    if hasattr(task_cfg, "image"):
+        img = task_cfg.image
         return asdict(
             CNNArgs(
                 num_classes=num_classes,
-                in_channels=img["channels"],
-                height=img["height"],
-                width=img["width"],
-                conv_channels=tuple(model["conv_channels"]),
-                hidden=model["hidden"],
+                in_channels=img.channels,
+                height=img.height,
+                width=img.width,
+                conv_channels=tuple(model.conv_channels),
+                hidden=model.hidden,
             )
         )
     return asdict(
         GRUArgs(
             num_classes=num_classes,
             vocab_size=vocab_len,
-            embed_dim=model["embed_dim"],
-            hidden=model["hidden"],
-            dense=model["dense"],
+            embed_dim=model.embed_dim,
+            hidden=model.hidden,
+            dense=model.dense,
         )
     )
 

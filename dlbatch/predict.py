@@ -15,6 +15,7 @@ import torch
 
 from dlbatch.checkpoint import load_meta, load_model
 from dlbatch.cluster import use_assigned_cpus
+from dlbatch.config import PredictConfig, TaskConfig
 from dlbatch.models import fast_layout
 from dlbatch.preprocess import preprocess_batch, to_arrow
 from dlbatch.profile import PROFILE_COLUMNS
@@ -24,31 +25,31 @@ PRED_COLUMNS = ["pred_index", "pred_label", "confidence", "probs"]
 log = logging.getLogger("dlbatch")
 
 
-def preprocess_spec(kind: str, task_cfg: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+def preprocess_spec(kind: str, task_cfg: TaskConfig, meta: dict[str, Any]) -> dict[str, Any]:
     """Everything ``preprocess_batch`` needs, from the task config (column names) and the model's metadata
     (image shape, tokenizer, label map: always the ones the model was trained with)."""
-    data = task_cfg["data"]
+    data = task_cfg.data
     args = meta["model_args"]
     spec = {
         "kind": kind,
-        "id_column": data["id_column"],
-        "label_column": data["label_column"],
+        "id_column": data.id_column,
+        "label_column": data.label_column,
         "label_type": meta["label_type"],
         "label_names": meta["label_names"],
         "num_classes": len(meta["label_names"]),
-        "profile": task_cfg.get("profile", True),
+        "profile": task_cfg.profile,
     }
     if kind == "image":
         spec.update(
-            feature_column=task_cfg["image"]["column"],
+            feature_column=task_cfg.feature_column,
             channels=args["in_channels"],
             height=args["height"],
             width=args["width"],
-            resize=task_cfg["image"]["resize"],
+            resize=task_cfg.image.resize,
         )
     else:
         spec.update(
-            feature_column=task_cfg["text"]["column"],
+            feature_column=task_cfg.feature_column,
             tokenizer=meta["tokenizer"],
             max_length=meta["max_length"],
         )
@@ -71,7 +72,7 @@ PREPARED = "__dlbatch_"
 _ARRAYS = {"x", "tokens", "length", "y"}  # numpy in ``preprocess_batch``'s output; the rest stay Arrow
 
 
-def _spec_from_checkpoint(ckpt_path: str, task_cfg: dict[str, Any]) -> dict[str, Any]:
+def _spec_from_checkpoint(ckpt_path: str, task_cfg: TaskConfig) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         meta = load_meta(_local_checkpoint(ckpt_path, tmp))
     return preprocess_spec(meta["kind"], task_cfg, meta)
@@ -82,9 +83,13 @@ def _spec_from_checkpoint(ckpt_path: str, task_cfg: dict[str, Any]) -> dict[str,
 _PROCESS_CACHE: dict[str, tuple[str, Any]] = {}
 
 
+def _plain(value: Any) -> Any:
+    return value.model_dump(mode="json") if hasattr(value, "model_dump") else str(value)
+
+
 def _process_cached(name: str, build, *args):
     """``build(*args)``, once per process while ``args`` stay the same (rebuilt when they change)."""
-    key = json.dumps(args, sort_keys=True, default=str)
+    key = json.dumps(args, sort_keys=True, default=_plain)
     hit = _PROCESS_CACHE.get(name)
     if hit is None or hit[0] != key:
         _PROCESS_CACHE.pop(name, None)  # the old one (a model) is freed before the new one is built
@@ -93,7 +98,7 @@ def _process_cached(name: str, build, *args):
 
 
 def prepare_batch(
-    batch: pa.Table, ckpt_path: str, task_cfg: dict[str, Any], with_labels: bool = False
+    batch: pa.Table, ckpt_path: str, task_cfg: TaskConfig, with_labels: bool = False
 ) -> pa.Table:
     """``map_batches`` function of the CPU stage in front of an actor pool: decode / tokenize here, on
     every CPU, so that a GPU actor only runs the model. Decoding in the one actor that holds the GPU
@@ -101,7 +106,7 @@ def prepare_batch(
     spec = _process_cached("spec", _spec_from_checkpoint, ckpt_path, task_cfg)
     cols = preprocess_batch(batch, spec, with_labels=with_labels)
     table = to_arrow({PREPARED + name: value for name, value in cols.items()})
-    for name in task_cfg["data"]["passthrough_columns"]:
+    for name in task_cfg.data.passthrough_columns:
         table = table.append_column(name, batch.column(name))
     return table
 
@@ -131,7 +136,7 @@ class Predictor:
     def __init__(
         self,
         ckpt_path: str,
-        task_cfg: dict[str, Any],
+        task_cfg: TaskConfig,
         run_info: dict[str, Any],
         with_labels: bool = False,
         prepared: bool = False,
@@ -144,8 +149,8 @@ class Predictor:
         self.kind = meta["kind"]
         self.spec = preprocess_spec(self.kind, task_cfg, meta)
         self.label_names = pa.array(meta["label_names"], pa.string())
-        self.passthrough = list(task_cfg["data"]["passthrough_columns"])
-        self.id_column = task_cfg["data"]["id_column"]
+        self.passthrough = list(task_cfg.data.passthrough_columns)
+        self.id_column = task_cfg.data.id_column
         self.run_info = run_info
         self.with_labels = with_labels
         self.prepared = prepared  # batches come from ``prepare_batch``, already decoded / tokenized
@@ -226,7 +231,7 @@ def free_resources(settle_s: float = 2.0) -> dict[str, float]:
     return free
 
 
-def actor_pool_size(pcfg: dict[str, Any], cluster: dict[str, float]) -> int:
+def actor_pool_size(pcfg: PredictConfig, cluster: dict[str, float]) -> int:
     """Configured ``num_actors``, or one actor per slot of the cluster's *free* resources: a fixed pool
     sized from its totals waits forever for actors that cannot be placed while other work holds part of
     it, and takes the CPUs its own read tasks need.
@@ -234,17 +239,17 @@ def actor_pool_size(pcfg: dict[str, Any], cluster: dict[str, float]) -> int:
     A fixed pool, not an autoscaling one: on a small cluster Ray Data's autoscaler kept a (1, n) pool at
     one actor for a whole 50,000-image run (its utilization threshold was never crossed), halving
     throughput on two cores."""
-    if pcfg["num_actors"]:
-        return int(pcfg["num_actors"])
-    if pcfg["gpus_per_actor"] > 0:
-        return max(1, int(cluster.get("GPU", 0) // pcfg["gpus_per_actor"]))
-    return max(1, int((cluster.get("CPU", 1) - READ_WRITE_CPUS) // pcfg["cpus_per_actor"]))
+    if pcfg.num_actors:
+        return int(pcfg.num_actors)
+    if pcfg.gpus_per_actor > 0:
+        return max(1, int(cluster.get("GPU", 0) // pcfg.gpus_per_actor))
+    return max(1, int((cluster.get("CPU", 1) - READ_WRITE_CPUS) // pcfg.cpus_per_actor))
 
 
 def predict_batch(
     batch: pa.Table,
     ckpt_path: str,
-    task_cfg: dict[str, Any],
+    task_cfg: TaskConfig,
     run_info: dict[str, Any],
     with_labels: bool = False,
 ) -> pa.Table:
@@ -254,41 +259,41 @@ def predict_batch(
     return predictor(batch)
 
 
-def use_actors(pcfg: dict[str, Any]) -> bool:
+def use_actors(pcfg: PredictConfig) -> bool:
     """``compute: auto`` picks actors for GPU inference (one model per GPU, loaded once) and tasks on CPUs.
 
     On CPUs, tasks run in Ray's already-started worker processes, which keep torch and the model (see
     ``predict_batch``) from one task to the next: no actor start-up per dataset (~4-5 s for a fresh
     pool on 2 cores). Measured on 50,000 PNGs, 2 cores: ~4,700 images/s with tasks once the workers
     are warm, ~2,600 with a 2-actor pool."""
-    if pcfg["compute"] == "auto":
-        return pcfg["gpus_per_actor"] > 0
-    return pcfg["compute"] == "actors"
+    if pcfg.compute == "auto":
+        return pcfg.gpus_per_actor > 0
+    return pcfg.compute == "actors"
 
 
-def preprocess_in_tasks(pcfg: dict[str, Any]) -> bool:
+def preprocess_in_tasks(pcfg: PredictConfig) -> bool:
     """With an actor pool: decode / tokenize in a CPU task stage in front of it (``preprocess``; auto:
     when the actors hold GPUs)."""
-    if pcfg["preprocess"] == "auto":
-        return pcfg["gpus_per_actor"] > 0
-    return pcfg["preprocess"] == "tasks"
+    if pcfg.preprocess == "auto":
+        return pcfg.gpus_per_actor > 0
+    return pcfg.preprocess == "tasks"
 
 
 def predict_dataset(
-    ds, ckpt_path: str, task_cfg: dict[str, Any], run_info: dict[str, Any], with_labels: bool = False
+    ds, ckpt_path: str, task_cfg: TaskConfig, run_info: dict[str, Any], with_labels: bool = False
 ):
     """Lazy Ray Dataset of predictions over ``ds`` (raw rows), on tasks or an actor pool (config)."""
     import ray
 
-    pcfg = task_cfg["predict"]
+    pcfg = task_cfg.predict
     kwargs = {"ckpt_path": ckpt_path, "task_cfg": task_cfg, "run_info": run_info, "with_labels": with_labels}
     if not use_actors(pcfg):
         return ds.map_batches(
             predict_batch,
             fn_kwargs=kwargs,
             batch_format="pyarrow",
-            batch_size=pcfg["batch_size"],
-            num_cpus=pcfg["cpus_per_actor"],
+            batch_size=pcfg.batch_size,
+            num_cpus=pcfg.cpus_per_actor,
             # A task whose process dies (killed, OOM, node lost) is run again (Ray's default for tasks: 3
             # retries on system failures); its output file has a deterministic name, so a retry replaces
             # rather than duplicates it (tests/test_faults.py kills one).
@@ -298,7 +303,7 @@ def predict_dataset(
             prepare_batch,
             fn_kwargs={"ckpt_path": ckpt_path, "task_cfg": task_cfg, "with_labels": with_labels},
             batch_format="pyarrow",
-            batch_size=pcfg["batch_size"],
+            batch_size=pcfg.batch_size,
             num_cpus=1,
         )
         kwargs["prepared"] = True
@@ -306,10 +311,10 @@ def predict_dataset(
         Predictor,
         fn_constructor_kwargs=kwargs,
         batch_format="pyarrow",
-        batch_size=pcfg["batch_size"],
+        batch_size=pcfg.batch_size,
         compute=ray.data.ActorPoolStrategy(size=actor_pool_size(pcfg, free_resources())),
-        num_cpus=pcfg["cpus_per_actor"],
-        num_gpus=pcfg["gpus_per_actor"],
+        num_cpus=pcfg.cpus_per_actor,
+        num_gpus=pcfg.gpus_per_actor,
         # An actor that dies (node lost, OOM) is restarted and its batches retried: Ray Data's actor pools
         # default to max_restarts=-1 and max_task_retries=-1 (tests/test_faults.py kills one to check).
     )

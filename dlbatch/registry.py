@@ -5,7 +5,8 @@ Layout under ``<output_root>/models/<task>/``:
     champion.json           {"version", "test_accuracy", "promoted_at_run", "history": [...]}
 
 A new model becomes champion only if it passes the quality floor and its test accuracy is at least the
-champion's (re-measured on the same test data) minus ``promotion_tolerance``. Scoring always uses the
+champion's (re-measured on the same test data) minus ``promotion_tolerance`` (the decision itself:
+``dlbatch/gate.py``). Scoring always uses the
 champion. A forced rerun of a night replaces that night's version and is decided again, against the
 champion as it stood before that night.
 """
@@ -13,7 +14,6 @@ champion as it stood before that night.
 from __future__ import annotations
 
 import uuid
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -27,19 +27,6 @@ from dlbatch.store import (
     remove_if_exists,
     write_json,
 )
-
-
-@dataclass(frozen=True)
-class Decision:
-    promoted: bool
-    champion_version: str | None  # None: no champion (nothing to score with)
-    reason: str
-    candidate_accuracy: float
-    previous_version: str | None = None
-    previous_accuracy_same_test: float | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class ModelStore:
@@ -98,37 +85,6 @@ class ModelStore:
     def clear_champion(self) -> None:
         """No champion (a forced rerun of the first night produced a model below the quality floor)."""
         remove_if_exists(self.fs, f"{self.root}/champion.json")
-
-    @staticmethod
-    def decide(
-        version: str,
-        candidate_acc: float,
-        rival: dict[str, Any] | None,
-        rival_acc_same_test: float | None,
-        tolerance: float,
-        floor_failure: str | None = None,
-    ) -> Decision:
-        """Promotion of ``version`` against ``rival`` (``champion_before``), re-measured on the same test
-        data. ``floor_failure``: why the candidate is below the quality floor; it is then never promoted."""
-        rival_version = rival["version"] if rival else None
-        if floor_failure:
-            return Decision(
-                False, rival_version, floor_failure, candidate_acc, rival_version, rival_acc_same_test
-            )
-        if rival is None:
-            return Decision(True, version, "no champion yet", candidate_acc)
-        floor = rival_acc_same_test - tolerance
-        if candidate_acc >= floor:
-            reason = (
-                f"test accuracy {candidate_acc:.2%} >= champion {rival_version}'s {rival_acc_same_test:.2%} "
-                f"- tolerance {tolerance:.2%}"
-            )
-            return Decision(True, version, reason, candidate_acc, rival_version, rival_acc_same_test)
-        reason = (
-            f"kept champion {rival_version}: test accuracy {candidate_acc:.2%} < its {rival_acc_same_test:.2%} "
-            f"- tolerance {tolerance:.2%} on the same test data"
-        )
-        return Decision(False, rival_version, reason, candidate_acc, rival_version, rival_acc_same_test)
 
     def apply_retention(self, keep: int) -> list[str]:
         """Delete all but the newest ``keep`` versions; never the champion. Returns what was deleted."""

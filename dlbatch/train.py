@@ -29,6 +29,7 @@ from torch import nn
 
 from dlbatch.checkpoint import load_training_state, save_checkpoint
 from dlbatch.cluster import WithoutMessage, use_assigned_cpus
+from dlbatch.config import TrainConfig
 from dlbatch.models import build_model, fast_layout, forward_batch
 
 log = logging.getLogger(__name__)
@@ -218,56 +219,79 @@ def _quiet_worker_logs() -> None:
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
 
 
-def train_loop_per_worker(cfg: dict[str, Any]) -> dict[str, Any] | None:
-    """Ray Train entry point. ``cfg``: kind, model_args, train settings, run id, checkpoint metadata (plain
-    data). The datasets come from the trainer: ``train`` split into equal shards, ``val`` whole."""
-    import ray.train
-    import ray.train.torch
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What crosses into every Ray Train worker: typed on both sides of the boundary."""
 
-    use_assigned_cpus()
-    _quiet_worker_logs()
-    kind, tcfg = cfg["kind"], cfg["train"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(tcfg["seed"])  # DDP broadcasts rank 0's weights anyway; the same seed keeps it moot
-    device = ray.train.torch.get_device()
+    kind: str
+    model_args: dict[str, Any]  # as saved in checkpoints (models.py build_model)
+    train: TrainConfig
+    run_id: str
+    meta: dict[str, Any]  # checkpoint metadata: kind, label map, tokenizer, task config
+    fit_started_at: float  # the driver's wall clock at fit(), for the time to the first batch
 
-    model = fast_layout(build_model(kind, cfg["model_args"]).to(device))
-    optimizer = torch.optim.Adam(model.parameters(), lr=tcfg["lr"])
-    start = resume_point(model, optimizer)
-    if start.resumed and rank == 0:
-        at = f"epoch {start.epoch + 1}" + (
-            f" with the steps after its step {start.step}" if start.step else ""
-        )
-        log.info(f"[{kind}] resuming at {at}, from the last registered checkpoint")
-    model = ray.train.torch.prepare_model(model)  # DDP once there are several workers
-    raw_model = model.module if hasattr(model, "module") else model
-    # The compiled wrapper runs the steps (it shares the parameters); checkpoints save ``raw_model``.
-    step_model = torch.compile(model) if tcfg["compile"] else model
-    history = start.history
 
-    def report(metrics: dict[str, Any], meta: dict[str, Any]) -> None:
-        """All ranks report (a barrier); rank 0 attaches the checkpoint with ``meta``."""
-        if rank != 0:
-            ray.train.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            save_checkpoint(tmp, raw_model, optimizer, {**cfg["meta"], **meta, "history": history})
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+class Worker:
+    """One rank's fit: its model (``model`` unwrapped, for checkpoints and validation; ``step_model`` DDP
+    and maybe compiled, for the steps), its optimizer and where it started. Every rank reports each epoch
+    (and each mid-epoch checkpoint): a barrier; rank 0 attaches the checkpoint and writes the epoch line."""
 
-    train_shard = ray.train.get_dataset_shard("train")
-    val_data = ray.train.get_dataset_shard("val")
-    local_shuffle = tcfg["shuffle"] == "files"
-    last_mid_epoch_checkpoint = {"at": None, "warned": False}
-    for epoch in range(start.epoch, tcfg["epochs"]):
+    def __init__(self, config: WorkerConfig, model: nn.Module, optimizer, start: ResumePoint):
+        import ray.train
+        import ray.train.torch
+
+        self.config, self.model, self.optimizer, self.start = config, model, optimizer, start
+        self.rank = ray.train.get_context().get_world_rank()
+        self.device = ray.train.torch.get_device()
+        self.history = start.history
+        self.last_mid_epoch = {"at": None, "warned": False}
+        ddp_model = ray.train.torch.prepare_model(model)  # DDP once there are several workers
+        # The compiled wrapper runs the steps (it shares the parameters).
+        self.step_model = torch.compile(ddp_model) if config.train.compile else ddp_model
+
+    def run_epoch(self, epoch: int, shards: dict[str, Any]) -> EpochPass:
+        """Train on this rank's shard (a resumed epoch only the steps its checkpoint had not taken), then
+        validate on rank 0 with the unwrapped model (no collective in its forward)."""
+        config, device, start = self.config, self.device, self.start
+        tcfg, kind = config.train, config.kind
         t0, started_at = time.perf_counter(), time.time()
         first_step = start.step if epoch == start.epoch else 0
         before = start.carried if epoch == start.epoch else {"loss_sum": 0.0, "seen": 0}
+        seed = epoch_seed(tcfg.seed, config.run_id, epoch, self.rank) if tcfg.shuffle == "files" else None
+        # Every rank reads its shard to the end (a rank that stopped would stall the others' split).
+        batches = islice(
+            epoch_batches(shards["train"], kind, tcfg.batch_size, device, seed), first_step, None
+        )
+        with compile_errors(kind, tcfg.compile):  # compiling happens in the first steps of each mode
+            sums = train_epoch(self.step_model, self.optimizer, batches, kind, device, first_step,
+                               tcfg.checkpoint_every_steps, self.mid_epoch(epoch, before))  # fmt: skip
+            train_s = time.perf_counter() - t0
+            val = (0.0, 0, 0)
+            if self.rank == 0:
+                val = eval_epoch(
+                    self.model, epoch_batches(shards["val"], kind, tcfg.batch_size, device), kind, device
+                )
+        return EpochPass(epoch, sums, before, val, started_at, t0, train_s)
 
-        def checkpoint_mid_epoch(step: int, loss_sum: float, seen: int, epoch=epoch, before=before) -> None:
-            loss_sum, seen = _sum_over_ranks([loss_sum, seen], device)
+    def report(self, metrics: dict[str, Any], meta: dict[str, Any]) -> None:
+        import ray.train
+
+        if self.rank != 0:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            save_checkpoint(
+                tmp, self.model, self.optimizer, {**self.config.meta, **meta, "history": self.history}
+            )
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    def mid_epoch(self, epoch: int, before: dict[str, float]):
+        """``train_epoch``'s checkpoint callback for ``epoch`` (``before``: sums the epoch had carried)."""
+
+        def checkpoint(step: int, loss_sum: float, seen: int) -> None:
+            loss_sum, seen = _sum_over_ranks([loss_sum, seen], self.device)
             partial = {"loss_sum": before["loss_sum"] + loss_sum, "seen": int(before["seen"] + seen)}
-            # No validation metrics: the pipeline picks its best checkpoint among the epochs' ends.
+            # No validation metrics: the fit stage picks its best checkpoint among the epochs' ends.
             metrics = {
                 "epoch": epoch,
                 "step": step,
@@ -275,67 +299,109 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> dict[str, Any] | None:
             }
             if not math.isfinite(metrics["train_loss"]):
                 return  # never checkpoint a diverged model; the epoch's end stops the fit
-            report(metrics, {"epoch": epoch, "step": step, "partial": partial})
-            if rank == 0:
-                _warn_if_too_frequent(last_mid_epoch_checkpoint)
+            self.report(metrics, {"epoch": epoch, "step": step, "partial": partial})
+            if self.rank == 0:
+                _warn_if_too_frequent(self.last_mid_epoch)
 
-        seed = epoch_seed(tcfg["seed"], cfg["run_id"], epoch, rank) if local_shuffle else None
-        # Every rank reads its shard to the end (a rank that stopped would stall the others' split); a
-        # resumed epoch trains only the steps its checkpoint had not taken, so each epoch takes as many.
-        batches = islice(epoch_batches(train_shard, kind, tcfg["batch_size"], device, seed), first_step, None)
-        with compile_errors(kind, tcfg["compile"]):  # compiling happens in the first steps of each mode
-            sums = train_epoch(
-                step_model, optimizer, batches, kind, device, first_step,
-                tcfg["checkpoint_every_steps"], checkpoint_mid_epoch,
-            )  # fmt: skip
-            train_s = time.perf_counter() - t0
-            # Rank 0 validates on the whole split with the unwrapped model (no collective in its forward).
-            val_loss, correct, val_seen = (
-                eval_epoch(raw_model, epoch_batches(val_data, kind, tcfg["batch_size"], device), kind, device)
-                if rank == 0
-                else (0.0, 0, 0)
-            )
-        loss_sum, trained_here, sum_train_s = _sum_over_ranks([sums.loss_sum, sums.seen, train_s], device)
-        # The whole epoch's sums: a resumed epoch adds what its mid-epoch checkpoint had summed.
-        loss_sum, seen = loss_sum + before["loss_sum"], trained_here + before["seen"]
-        train_s = sum_train_s / world  # mean over ranks
-        metrics = {
-            "epoch": epoch,
-            "train_loss": loss_sum / max(seen, 1),
-            "train_samples": int(seen),
-            "val_loss": val_loss / max(val_seen, 1),
-            "val_accuracy": correct / max(val_seen, 1),
-            "val_rows": int(val_seen),
-            "samples_per_s": trained_here / max(train_s, 1e-9),  # the steps this worker group took
-            "epoch_s": time.perf_counter() - t0,
-            # Wall clock of the training pass (rank 0's start, mean length): lines up with other samplers,
-            # e.g. the benchmark's GPU utilization.
-            "train_started_at": started_at,
-            "train_s": train_s,
-            # The checkpoint this worker group started from: its epoch, and for a mid-epoch one the steps
-            # of that epoch it had taken (None: the checkpoint ended its epoch).
-            "resumed_from_epoch": (start.epoch if start.step else start.epoch - 1) if start.resumed else None,
-            "resumed_at_step": start.step or None,
-            # Seconds from the driver's fit() to this pass's first batch (one host's clock).
-            "first_batch_after_s": sums.first_batch_at - cfg["fit_started_at"]
-            if sums.first_batch_at
-            else None,
-        }
-        # Decided together (rank 0 alone validates and holds the weights it checks): a NaN or infinite
-        # loss ends the fit on every rank, with no checkpoint, so nothing non-finite is ever published.
-        finite = math.isfinite(metrics["train_loss"]) and (
-            rank != 0 or (math.isfinite(metrics["val_loss"]) and _finite_weights(raw_model))
-        )
-        if _sum_over_ranks([0.0 if finite else 1.0], device)[0]:
-            return {"diverged": metrics}  # rank 0's return value reaches the driver (Result.return_value)
-        history.append(metrics)
-        if rank == 0:
-            left = (tcfg["epochs"] - epoch - 1) * metrics["epoch_s"]
+        return checkpoint
+
+    def end_epoch(self, metrics: dict[str, Any]) -> None:
+        self.history.append(metrics)
+        epochs = self.config.train.epochs
+        if self.rank == 0:
+            left = (epochs - metrics["epoch"] - 1) * metrics["epoch_s"]
             # One line per epoch: what a person follows in `ray job logs -f`. A logger, not print(): Ray
             # Train's print patch would show a printed line twice (stdout and its log handler).
             log.info(
-                f"[{kind}] epoch {epoch + 1}/{tcfg['epochs']}: train_loss {metrics['train_loss']:.4f} "
+                f"[{self.config.kind}] epoch {metrics['epoch'] + 1}/{epochs}: train_loss {metrics['train_loss']:.4f} "
                 f"val_loss {metrics['val_loss']:.4f} val_acc {metrics['val_accuracy']:.2%} "
                 f"{metrics['samples_per_s']:,.0f} samples/s {metrics['epoch_s']:.1f}s, ~{left:.0f}s left"
             )
-        report(metrics, {"epoch": epoch, "metrics": metrics})
+        self.report(metrics, {"epoch": metrics["epoch"], "metrics": metrics})
+
+
+@dataclass(frozen=True)
+class EpochPass:
+    """What one epoch's training pass and validation measured on this rank."""
+
+    epoch: int
+    sums: EpochSums
+    before: dict[str, float]  # what a mid-epoch checkpoint had summed of this epoch before a resume
+    val: tuple[float, int, int]  # summed loss, correct, rows (rank 0; zeros elsewhere)
+    started_at: float
+    t0: float
+    train_s: float
+
+
+def epoch_metrics(done: EpochPass, start: ResumePoint, config: WorkerConfig, device: torch.device) -> dict:
+    """The epoch's metrics over every rank: a resumed epoch adds what its mid-epoch checkpoint had summed."""
+    loss_sum, trained_here, sum_train_s = _sum_over_ranks(
+        [done.sums.loss_sum, done.sums.seen, done.train_s], device
+    )
+    loss_sum, seen = loss_sum + done.before["loss_sum"], trained_here + done.before["seen"]
+    train_s = sum_train_s / (dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1)
+    val_loss, correct, val_seen = done.val
+    first = done.sums.first_batch_at
+    return {
+        "epoch": done.epoch,
+        "train_loss": loss_sum / max(seen, 1),
+        "train_samples": int(seen),
+        "val_loss": val_loss / max(val_seen, 1),
+        "val_accuracy": correct / max(val_seen, 1),
+        "val_rows": int(val_seen),
+        "samples_per_s": trained_here / max(train_s, 1e-9),  # the steps this worker group took
+        "epoch_s": time.perf_counter() - done.t0,
+        # Wall clock of the training pass (rank 0's start, mean length): lines up with other samplers,
+        # e.g. the benchmark's GPU utilization.
+        "train_started_at": done.started_at,
+        "train_s": train_s,
+        # The checkpoint this worker group started from: its epoch, and for a mid-epoch one the steps
+        # of that epoch it had taken (None: the checkpoint ended its epoch).
+        "resumed_from_epoch": (start.epoch if start.step else start.epoch - 1) if start.resumed else None,
+        "resumed_at_step": start.step or None,
+        # Seconds from the driver's fit() to this pass's first batch (one host's clock).
+        "first_batch_after_s": first - config.fit_started_at if first else None,
+    }
+
+
+def diverged(metrics: dict[str, Any], model: nn.Module, device: torch.device) -> bool:
+    """Decided together (rank 0 alone validates and holds the weights it checks): a NaN or infinite loss
+    ends the fit on every rank, with no checkpoint, so nothing non-finite is ever published."""
+    import ray.train
+
+    rank0 = ray.train.get_context().get_world_rank() == 0
+    finite = math.isfinite(metrics["train_loss"]) and (
+        not rank0 or (math.isfinite(metrics["val_loss"]) and _finite_weights(model))
+    )
+    return bool(_sum_over_ranks([0.0 if finite else 1.0], device)[0])
+
+
+def train_loop_per_worker(config: WorkerConfig) -> dict[str, Any] | None:
+    """Ray Train entry point (bound to its config with functools.partial). The datasets come from the
+    trainer: ``train`` split into equal shards, ``val`` whole."""
+    import ray.train
+    import ray.train.torch
+
+    use_assigned_cpus()
+    _quiet_worker_logs()
+    torch.manual_seed(
+        config.train.seed
+    )  # DDP broadcasts rank 0's weights anyway; the same seed keeps it moot
+    device = ray.train.torch.get_device()
+    model = fast_layout(build_model(config.kind, config.model_args).to(device))
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
+    start = resume_point(model, optimizer)
+    if start.resumed and ray.train.get_context().get_world_rank() == 0:
+        at = f"epoch {start.epoch + 1}" + (
+            f" with the steps after its step {start.step}" if start.step else ""
+        )
+        log.info(f"[{config.kind}] resuming at {at}, from the last registered checkpoint")
+    worker = Worker(config, model, optimizer, start)
+    shards = {name: ray.train.get_dataset_shard(name) for name in ("train", "val")}
+    for epoch in range(start.epoch, config.train.epochs):
+        done = worker.run_epoch(epoch, shards)
+        metrics = epoch_metrics(done, start, config, device)
+        if diverged(metrics, model, device):
+            return {"diverged": metrics}  # rank 0's return value reaches the driver (Result.return_value)
+        worker.end_epoch(metrics)
+    return None

@@ -7,7 +7,8 @@ ray job submit --working-dir . -- python jobs/nightly.py --config jobs/configs/d
 
 import sys
 
-from dlbatch.runner import main, run_nightly
+from dlbatch.cli import main
+from dlbatch.flow import run_nightly
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:], run_nightly, "Train, evaluate and score every configured task."))

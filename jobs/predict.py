@@ -2,7 +2,8 @@
 
 import sys
 
-from dlbatch.runner import main, run_predict
+from dlbatch.cli import main
+from dlbatch.flow import run_predict
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:], run_predict, "Batch inference on the score split.", with_model=True))

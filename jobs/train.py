@@ -2,7 +2,8 @@
 
 import sys
 
-from dlbatch.runner import main, run_train
+from dlbatch.cli import main
+from dlbatch.flow import run_train
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:], run_train, "Train and evaluate every configured task."))

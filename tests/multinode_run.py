@@ -18,7 +18,7 @@ from faultutil import registered_checkpoints
 from ray.cluster_utils import Cluster
 
 from dlbatch.config import load_config
-from dlbatch.runner import run_train
+from dlbatch.flow import run_train
 
 
 def main(out: str, train: str, val: str, test: str, fault: bool = True) -> dict:

@@ -78,7 +78,7 @@ def test_config_is_frozen():
 
 
 def test_shuffle_and_materialize_take_their_choices_and_auto_materializes_what_fits(ray_cluster):
-    from dlbatch.pipeline import materialize_decision, preprocessed_bytes
+    from dlbatch.ingest import materialize_decision, preprocessed_bytes
 
     defaults = JobConfig().image.train
     assert (defaults.shuffle, defaults.materialize) == ("global", "auto")
@@ -90,8 +90,7 @@ def test_shuffle_and_materialize_take_their_choices_and_auto_materializes_what_f
         load_config(None, ["text.train.shuffle=blocks"])
 
     store = ray_cluster.cluster_resources()["object_store_memory"]
-    image = JobConfig().image.model_dump()
-    per_row = preprocessed_bytes("image", image, 1)
+    per_row = preprocessed_bytes(JobConfig().image, 1)
     assert per_row >= 28 * 28  # uint8 pixels at least
     assert materialize_decision("auto", int(0.4 * store))[0] is True
     assert materialize_decision("auto", int(0.6 * store))[0] is False

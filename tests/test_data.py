@@ -9,8 +9,8 @@ from dlbatch.config import JobConfig
 from dlbatch.data import inspect_split
 from dlbatch.errors import DataError
 
-IMAGE_CFG = JobConfig().image.model_dump()
-TEXT_CFG = JobConfig().text.model_dump()
+IMAGE_CFG = JobConfig().image
+TEXT_CFG = JobConfig().text
 STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
 
@@ -32,7 +32,7 @@ def _inspect(path, kind="text", cfg=None, needs_label=True):
 
 
 def _cfg(base, **data):
-    return {**base, "data": {**base["data"], **data}}
+    return base.model_copy(update={"data": base.data.model_copy(update=data)})
 
 
 def test_good_split_is_described(tmp_path):

@@ -21,7 +21,7 @@ from PIL import Image
 from dlbatch.config import load_config
 from dlbatch.demo import make_image_table, make_text_table
 from dlbatch.errors import DataError
-from dlbatch.runner import run_nightly, run_train
+from dlbatch.flow import run_nightly, run_train
 
 REPO = Path(__file__).parents[1]
 GARBAGE = b"\x89PNG\r\n garbage"
@@ -109,7 +109,7 @@ def test_dirty_image_data_is_routed_to_rejects_and_conserved(ray_cluster, tmp_pa
 
     # The GPU layout on CPUs: PNGs decoded in a task stage, an actor pool only runs the model. Same
     # predictions, same rejects with the same reasons and sources.
-    from dlbatch.runner import run_predict
+    from dlbatch.flow import run_predict
 
     pool = ["force=true", "image.predict.compute=actors", "image.predict.preprocess=tasks"]
     [again] = run_predict(load_config(None, overrides + pool))
@@ -205,7 +205,8 @@ def test_a_second_task_whose_labels_are_out_of_range_fails_before_the_first_trai
 
 
 def test_train_labels_outside_the_configured_classes_fail_fast(ray_cluster, tmp_path):
-    from dlbatch.pipeline import check_task_data
+    from dlbatch.context import build_context
+    from dlbatch.ingest import check_data, learn
 
     table = make_image_table(20, seed=1)
     table = table.set_column(2, "label", pa.array([0] * 19 + [12], pa.int64()))
@@ -219,4 +220,5 @@ def test_train_labels_outside_the_configured_classes_fail_fast(ray_cluster, tmp_
     with pytest.raises(
         DataError, match=r"train: column 'label' has labels in 0\.\.12, outside the configured 10 classes"
     ):
-        check_task_data(cfg, "image", ("train", "val", "test"))
+        ctx = build_context(cfg, "image", "train")
+        learn(ctx, check_data(ctx))

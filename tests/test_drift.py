@@ -16,9 +16,9 @@ from PIL import Image
 
 from dlbatch.demo import make_chinese_text_table, make_text_table
 from dlbatch.errors import QualityError
+from dlbatch.flow import run_nightly
 from dlbatch.preprocess import preprocess_batch, to_arrow
 from dlbatch.profile import compare, distances, finish, merge, partial, total_variation
-from dlbatch.runner import run_nightly
 from dlbatch.store import SUCCESS
 from dlbatch.tokenizer import train_tokenizer
 

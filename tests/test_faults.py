@@ -20,7 +20,7 @@ from faultutil import (
     write_score_split,
 )
 
-from dlbatch.runner import run_predict, run_train
+from dlbatch.flow import run_predict, run_train
 from dlbatch.store import PART_DONE, SUCCESS
 
 REPO = Path(__file__).parents[1]

@@ -13,7 +13,8 @@ import pytest
 
 from dlbatch.config import load_config
 from dlbatch.demo import make_text_table
-from dlbatch.runner import run_train
+from dlbatch.flow import run_train
+from dlbatch.night import SplitCheck
 
 ROWS = 3000
 
@@ -77,14 +78,13 @@ def _epoch_orders(
 ) -> tuple[list[list[int]], dict]:
     """The training dataset the trainer would get, executed once per epoch as Ray Train does; ``data``:
     a label map and tokenizer learned before (else learned here)."""
-    from dlbatch.pipeline import TaskResult, check_task_data, training_datasets
-    from dlbatch.store import run_paths
+    from dlbatch.context import build_context
+    from dlbatch.ingest import check_data, learn, training_data
 
-    cfg = _config(splits, "sorted-8-files", out, *overrides)
-    data = data or check_task_data(cfg, "text", ("train", "val"))
-    paths = run_paths(cfg.output_root, "text", "2026-11-25")
-    result, pending = TaskResult(task="text", run_id=paths.run_id), []
-    train = training_datasets(cfg, "text", data, paths, result, pending)["train"]
+    ctx = build_context(_config(splits, "sorted-8-files", out, *overrides), "text", "train")
+    splits_found = check_data(ctx)
+    prepared = training_data(ctx, splits_found, data or learn(ctx, splits_found))
+    train = prepared.datasets["train"]
     # Rows carry no id into training: (label, hash of the token ids) stands for a row.
     orders = [
         [
@@ -94,9 +94,8 @@ def _epoch_orders(
         ]
         for _ in range(epochs)
     ]
-    for routed in pending:
-        routed.result()
-    return orders, {"rows": result.rows, "paths": paths}
+    checks = {s: c if isinstance(c, SplitCheck) else c.result() for s, c in prepared.checks.items()}
+    return orders, {"rows": {s: c.counts for s, c in checks.items()}, "paths": ctx.paths}
 
 
 @pytest.mark.parametrize("materialize", ["true", "false"])
@@ -105,10 +104,12 @@ def test_every_epoch_takes_a_new_order_of_every_row_mixed_across_the_split(
 ):
     """Ray Data's shuffle combines its pieces in the order its tasks finish, so one seed does not pin the
     exact order (README, "Training data"); what holds is checked here, streamed and materialized."""
-    from dlbatch.pipeline import check_task_data
+    from dlbatch.context import build_context
+    from dlbatch.ingest import check_data, learn
 
     setting = f"text.train.materialize={materialize}"
-    data = check_task_data(_config(text_splits, "sorted-8-files", tmp_path), "text", ("train", "val"))
+    ctx = build_context(_config(text_splits, "sorted-8-files", tmp_path), "text", "train")
+    data = learn(ctx, check_data(ctx))
     first, _ = _epoch_orders(text_splits, tmp_path / "shuffled", setting, data=data)
     stored, _ = _epoch_orders(text_splits, tmp_path / "stored", setting, "text.train.shuffle=none", data=data)
 
@@ -145,18 +146,17 @@ def test_a_retried_run_reuses_what_its_first_attempt_learned(ray_cluster, text_s
     checkpoints must tokenize with the first attempt's tokenizer, saved in the run's directory."""
     import json
 
-    from dlbatch.pipeline import inspect_task, learn_from_train
-    from dlbatch.store import run_paths
+    from dlbatch.context import build_context
+    from dlbatch.ingest import check_data, learn
 
-    cfg = _config(text_splits, "shuffled", tmp_path)
-    paths = run_paths(cfg.output_root, "text", "2026-11-25")
-    infos = inspect_task(cfg, "text", ("train",))
-    first = learn_from_train(cfg, "text", infos, paths)
+    ctx = build_context(_config(text_splits, "shuffled", tmp_path), "text", "train")
+    infos = check_data(ctx)
+    first = learn(ctx, infos)
     saved = json.loads((tmp_path / "runs" / "2026-11-25" / "text" / "learned.json").read_text())
-    assert saved["tokenizer"] == first.meta["tokenizer"] and saved["label_names"] == first.meta["label_names"]
+    assert saved["tokenizer"] == first.tokenizer and saved["label_names"] == first.label_names
 
     saved["label_names"] = ["only", "what", "was", "saved"]  # proves the retry reads the file
     (tmp_path / "runs" / "2026-11-25" / "text" / "learned.json").write_text(json.dumps(saved))
-    again = learn_from_train(cfg, "text", infos, paths)
-    assert again.meta["tokenizer"] == first.meta["tokenizer"]
-    assert again.meta["label_names"] == ["only", "what", "was", "saved"]
+    again = learn(ctx, infos)
+    assert again.tokenizer == first.tokenizer
+    assert again.label_names == ["only", "what", "was", "saved"]

@@ -10,11 +10,11 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from dlbatch.config import load_config
+from dlbatch.config import TextTaskConfig, load_config
 from dlbatch.data import inspect_split, read_split
 from dlbatch.demo import make_text_table
 from dlbatch.errors import DataError
-from dlbatch.runner import run_nightly
+from dlbatch.flow import run_nightly
 
 
 def _partitioned_by_label(root, table: pa.Table, rename: dict[int, str] | None = None):
@@ -82,27 +82,24 @@ def test_partition_labels_are_typed_as_configured(ray_cluster, tmp_path):
     for value in ("0", "3"):
         (tmp_path / "d" / f"label={value}").mkdir(parents=True)
         pq.write_table(table, tmp_path / "d" / f"label={value}" / "part-0.parquet")
-    data = {"label_column": "label", "id_column": "id", "passthrough_columns": (), "partition": {},
-            "num_classes": None}  # fmt: skip
-    task_cfg = {
-        "data": {**data, "label_type": "auto"},
-        "text": {"column": "text"},
-        "image": {"column": "image"},
-    }
+    task_cfg = TextTaskConfig()
+
+    def typed(label_type: str) -> TextTaskConfig:
+        return task_cfg.model_copy(update={"data": task_cfg.data.model_copy(update={"label_type": label_type})})
 
     info = inspect_split("train", str(tmp_path / "d"), task_cfg, "text", needs_label=True)
     assert info.label_type == "int" and info.has_label
     labels = read_split(info, columns=["text", "label"]).take_batch(200, batch_format="pyarrow")["label"]
     assert labels.type == pa.int64() and sorted(set(labels.to_pylist())) == [0, 3]
 
-    as_string = {**task_cfg, "data": {**data, "label_type": "string"}}
+    as_string = typed("string")
     info = inspect_split("train", str(tmp_path / "d"), as_string, "text", needs_label=True)
     assert info.label_type == "string"
     assert sorted(set(read_split(info, columns=["label"]).to_pandas()["label"])) == ["0", "3"]
 
     (tmp_path / "d" / "label=other").mkdir()
     pq.write_table(table, tmp_path / "d" / "label=other" / "part-0.parquet")
-    as_int = {**task_cfg, "data": {**data, "label_type": "int"}}
+    as_int = typed("int")
     with pytest.raises(DataError) as err:
         inspect_split("train", str(tmp_path / "d"), as_int, "text", needs_label=True)
     assert str(err.value) == (
@@ -116,9 +113,7 @@ def test_a_categorical_text_column_is_read_as_strings(ray_cluster, tmp_path):
         {"id": ["a", "b", "c"], "text": pd.Categorical(["x y", "z", "x y"]), "label": [0, 1, 0]}
     )
     frame.to_parquet(tmp_path / "p.parquet", index=False)
-    data = {"label_column": "label", "id_column": "id", "passthrough_columns": (), "partition": {},
-            "num_classes": None, "label_type": "auto"}  # fmt: skip
-    task_cfg = {"data": data, "text": {"column": "text"}, "image": {"column": "image"}}
+    task_cfg = TextTaskConfig()
     info = inspect_split("train", str(tmp_path / "p.parquet"), task_cfg, "text", needs_label=True)
     batch = read_split(info, columns=["id", "text", "label"]).take_batch(3, batch_format="pyarrow")
     assert batch.schema.field("text").type == pa.string() and batch["text"].to_pylist() == ["x y", "z", "x y"]

@@ -19,7 +19,7 @@ from PIL import Image
 from dlbatch.checkpoint import MODEL_FILE
 from dlbatch.config import load_config
 from dlbatch.errors import DlbatchError, QualityError
-from dlbatch.runner import run_nightly, run_predict
+from dlbatch.flow import run_nightly, run_predict
 
 
 def _night_cfg(out, paths, date, *extra):

@@ -14,8 +14,8 @@ import pytest
 from conftest import config_for, fresh_python
 
 from dlbatch.checkpoint import load_model
+from dlbatch.flow import run_nightly, run_predict, run_train
 from dlbatch.models import build_model
-from dlbatch.runner import run_nightly, run_predict, run_train
 from dlbatch.store import SUCCESS
 
 REPO = Path(__file__).parents[1]

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 
 from dlbatch.config import load_config
 from dlbatch.demo import make_chinese_text_table
-from dlbatch.runner import run_train
+from dlbatch.flow import run_train
 
 
 def naive_bayes_accuracy(train, test, features) -> float:

@@ -1,0 +1,65 @@
+"""The evaluate stage: test-set metrics from the same predictor that scores production data."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from dlbatch.context import RunContext
+from dlbatch.data import SplitInfo, read_split, split_columns
+from dlbatch.fit import rows_line
+from dlbatch.ingest import Routing, accept, route_rejects
+from dlbatch.night import Counts, Evaluation, Learned, SplitCheck
+from dlbatch.predict import predict_dataset
+from dlbatch.profile import finish
+from dlbatch.progress import heartbeat
+from dlbatch.quality import describe as describe_quality
+from dlbatch.quality import quality_floor
+
+log = logging.getLogger("dlbatch")
+
+
+def _predict_test(ctx: RunContext, test: SplitInfo, model_uri: str):
+    run_info = {"model_version": ctx.run_id, "run_date": ctx.paths.run_date}
+    reader = read_split(test, columns=split_columns(test, ctx.config, with_label=True))
+    preds = predict_dataset(reader, model_uri, ctx.config, run_info, with_labels=True).materialize()
+    table = preds.select_columns(["label_index", "pred_index", "reject_reason"]).to_pandas()
+    return preds, table, table["reject_reason"].isna()
+
+
+def accuracy_on_test(ctx: RunContext, test: SplitInfo, model_uri: str) -> float:
+    """Accuracy of any model (e.g. the champion) on this run's test split; no outputs written."""
+    _, table, ok = _predict_test(ctx, test, model_uri)
+    return float((table.loc[ok, "label_index"] == table.loc[ok, "pred_index"]).mean())
+
+
+def evaluate_model(
+    ctx: RunContext, splits: dict[str, SplitInfo], learned: Learned, model_uri: str
+) -> Evaluation:
+    """Test accuracy, confusion matrix and the quality floor's baselines; the test split's rejects and
+    profile from the same pass."""
+    t0 = time.perf_counter()
+    test = splits["test"]
+    with heartbeat(f"{ctx.task}: evaluating on test ({test.num_rows:,} rows)", ctx.job.progress_every_s):
+        preds, table, ok = _predict_test(ctx, test, model_uri)
+    counts = Counts(read=test.num_rows, used=int(ok.sum()), rejected=int((~ok).sum()))
+    id_column = ctx.config.data.id_column
+    sums = route_rejects(ctx, preds, "test", Routing("label_index", learned.label_names, id_in=id_column))
+    accept(ctx, "test", counts)
+    y_true = table.loc[ok, "label_index"].to_numpy(np.int64)
+    y_pred = table.loc[ok, "pred_index"].to_numpy(np.int64)
+    k = len(learned.label_names)
+    confusion = np.zeros((k, k), dtype=np.int64)
+    np.add.at(confusion, (y_true, y_pred), 1)
+    accuracy = float((y_true == y_pred).mean()) if len(y_true) else float("nan")
+    quality = quality_floor(confusion.tolist(), learned.label_names, accuracy, ctx.job.quality_margin)
+    check = SplitCheck(counts, finish(sums, ctx.task))
+    evaluation = Evaluation(accuracy, int(len(y_true)), confusion.tolist(), learned.label_names, quality, check,
+                            time.perf_counter() - t0)  # fmt: skip
+    log.info("%s: test accuracy %.2f%% on %s in %.1fs", ctx.task, 100 * accuracy, rows_line({"test": check}),
+             evaluation.seconds)  # fmt: skip
+    if not quality["passed"]:
+        log.warning("%s: %s", ctx.task, describe_quality(quality))
+    return evaluation

@@ -1,0 +1,134 @@
+"""The night's outputs beyond its model and predictions: the model store's promotion, the references that
+drift is measured against, ``summary.json`` and ``report.html``, and the run's finished marker."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from dlbatch.context import RunContext
+from dlbatch.data import SplitInfo, resolve_path
+from dlbatch.errors import DlbatchError
+from dlbatch.evaluate import accuracy_on_test
+from dlbatch.gate import decide_promotion
+from dlbatch.night import Promotion, ScoringModel
+from dlbatch.registry import ModelStore
+from dlbatch.report import render_report
+from dlbatch.store import RunPaths, is_published, mark_published, read_json, remove_if_exists, write_json
+
+log = logging.getLogger("dlbatch")
+
+
+def forget_run(ctx: RunContext) -> None:
+    """``force``: delete this run date's outputs and Ray Train checkpoints so everything is redone."""
+    paths = ctx.paths
+    fs, root = resolve_path(paths.storage_path)
+    remove_if_exists(fs, f"{root}/{paths.run_id}")
+    remove_if_exists(paths.fs, paths.path())
+
+
+def finished_night(ctx: RunContext) -> dict[str, Any] | None:
+    """The summary of this date's nightly run when it already finished (a retried trigger), else None."""
+    paths = ctx.paths
+    if ctx.mode != "nightly" or ctx.job.force or not is_published(paths.fs, paths.path()):
+        return None
+    log.info("%s: run %s already finished; not redone (force=true to redo)", ctx.task, paths.run_id)
+    return {**read_json(paths.fs, paths.path("summary.json")), "skipped": True}
+
+
+def mark_finished(ctx: RunContext) -> None:
+    """The whole nightly run is done: a retried trigger finds this and does nothing."""
+    mark_published(ctx.paths.fs, ctx.paths.path(), {"run_id": ctx.run_id})
+
+
+def previous_summary(paths: RunPaths, finished_only: bool = False) -> dict[str, Any] | None:
+    """The latest earlier run date's summary for this task, for night-over-night comparison;
+    ``finished_only``: of a nightly run that finished (not one that drift blocked or that was killed)."""
+    infos = paths.fs.get_file_info(pafs.FileSelector(f"{paths.root}/runs", allow_not_found=True))
+    dates = sorted((i.base_name for i in infos if i.type == pafs.FileType.Directory), reverse=True)
+    for date in dates:
+        run_dir = f"{paths.root}/runs/{date}/{paths.task}"
+        if date < paths.run_date and (not finished_only or is_published(paths.fs, run_dir)):
+            found = read_json(paths.fs, f"{run_dir}/summary.json")
+            if found:
+                return found
+    return None
+
+
+def drift_references(ctx: RunContext) -> dict[str, tuple[str, dict[str, Any]]]:
+    """What tonight's profiles are compared with: the previous night's splits, and the training data of
+    the champion that tonight competes with (compared with each of tonight's splits)."""
+    paths = ctx.paths
+    references: dict[str, tuple[str, dict[str, Any]]] = {}
+    # A night that drift blocked is no reference: the night after it would be compared with the outlier.
+    previous = previous_summary(paths, finished_only=True)
+    if previous and previous.get("profile"):
+        references["previous"] = (f"the previous night ({previous['run_id']})", previous["profile"])
+    champion = ModelStore(paths).champion_before(paths.run_date)
+    if champion is not None:
+        night = read_json(paths.fs, f"{paths.root}/runs/{champion['version']}/{paths.task}/summary.json")
+        train = ((night or {}).get("profile") or {}).get("train")
+        if train:
+            what = f"champion {paths.task}-{champion['version']}'s training data"
+            references["champion_train"] = (what, {"*": train})
+    return references
+
+
+def promote(ctx: RunContext, test: SplitInfo, accuracy: float, blocked: str | None) -> Promotion:
+    """Store tonight's model as a version and apply the promotion gate against the champion it competes
+    with (re-measured on tonight's ``test`` split); ``blocked``: why it may not be promoted at all."""
+    paths, task = ctx.paths, ctx.task
+    store = ModelStore(paths)
+    version = paths.run_date
+    current = store.champion()
+    rival = store.champion_before(version)
+    replaced = ctx.job.force and is_published(paths.fs, store.version_path(version))
+    stored = store.add_version(version, paths.path("model"), replace=ctx.job.force)
+    measured = None
+    if rival is not None:
+        # Re-measured on tonight's test data (last night's number was on other data); not for a blocked model.
+        rival_acc = accuracy_on_test(ctx, test, store.version_uri(rival["version"])) if not blocked else None
+        measured = (rival["version"], rival_acc)
+    decision = decide_promotion(version, accuracy, measured, ctx.job.promotion_tolerance, blocked)
+    is_champion = (current or {}).get("version") == version
+    if decision.promoted and (stored or not is_champion):
+        store.set_champion(version, accuracy, paths.run_id)
+    elif not decision.promoted and is_champion:
+        # A forced rerun replaced the champion's own night with a worse model: back to the one before it.
+        if rival is None:
+            store.clear_champion()
+        else:
+            store.set_champion(rival["version"], rival["test_accuracy"], paths.run_id)
+    deleted = store.apply_retention(ctx.job.keep_versions)
+    log.info("%s: %s (%s)", task, "promoted" if decision.promoted else "not promoted", decision.reason)
+    champion = None
+    if decision.champion_version is not None:
+        uri = store.version_uri(decision.champion_version)
+        champion = ScoringModel(uri, f"{task}-{decision.champion_version}")
+    return Promotion(decision, deleted, replaced, champion)
+
+
+def scoring_model(ctx: RunContext, model: str | None) -> ScoringModel:
+    """``--model`` as given, or the task's champion: never a model the promotion gate did not promote."""
+    if model is not None:
+        return ScoringModel(model, model)  # model_version names the model as it was asked for
+    store = ModelStore(ctx.paths)
+    champion = store.champion()
+    if champion is None:
+        raise DlbatchError(
+            f"{ctx.task}: no champion in {store.uri_root} yet (jobs/nightly.py promotes one); to score with a "
+            f"model of your choice pass --model, e.g. --model {ctx.paths.uri('model')}"
+        )
+    return ScoringModel(store.version_uri(champion["version"]), f"{ctx.task}-{champion['version']}")
+
+
+def write_summary(ctx: RunContext, summary: dict[str, Any]) -> str:
+    """``summary.json`` and the self-contained ``report.html`` beside it; returns the page."""
+    paths = ctx.paths
+    write_json(paths.fs, paths.path("summary.json"), summary)
+    page = render_report(summary, previous_summary(paths))
+    with paths.fs.open_output_stream(paths.path("report.html")) as out:
+        out.write(page.encode())
+    return page
