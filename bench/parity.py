@@ -22,14 +22,14 @@ import torch
 from plain import accuracy, load_split, spec_for, train_plain
 
 from dlbatch.config import load_config
-from dlbatch.context import build_context
+from dlbatch.context import RunContext
 from dlbatch.flow import run_nightly
 from dlbatch.ingest import check_data, checkpoint_meta, data_paths, learn
 
 
 def plain_accuracy(cfg, task: str, seed: int) -> float:
     tcfg = cfg.task(task).train
-    ctx = build_context(cfg, task, "train")
+    ctx = RunContext(cfg, task, "train")
     meta = checkpoint_meta(ctx, learn(ctx, check_data(ctx)))
     paths = data_paths(ctx)
     spec = spec_for(task, meta)

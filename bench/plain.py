@@ -13,8 +13,8 @@ import pyarrow.dataset as pads
 import torch
 import torch.nn.functional as F
 
-from dlbatch.models import build_model, fast_layout, forward_batch
 from dlbatch.config import task_config
+from dlbatch.models import build_model, fast_layout, forward_batch
 from dlbatch.predict import preprocess_spec
 from dlbatch.preprocess import preprocess_batch
 

@@ -42,7 +42,7 @@ from plain import load_split, spec_for, train_plain
 
 from dlbatch.checkpoint import load_model
 from dlbatch.config import load_config
-from dlbatch.context import build_context
+from dlbatch.context import RunContext
 from dlbatch.demo import make_image_table
 from dlbatch.flow import run_predict, run_train
 from dlbatch.ingest import check_data, checkpoint_meta, data_paths, learn
@@ -278,7 +278,7 @@ def _bench_training_task(
         excess.append(stage[-1] - sum(h["epoch_s"] for h in hist) + (hist[0]["epoch_s"] - hist[1]["epoch_s"]))
         model_dir[:] = [summary["paths"]["model"]]
         if "train" not in plain_data:
-            ctx = build_context(cfg, task, "train")
+            ctx = RunContext(cfg, task, "train")
             meta = checkpoint_meta(ctx, learn(ctx, check_data(ctx)))  # the fit's own labels and tokenizer
             paths = data_paths(ctx)
             spec = spec_for(task, meta)

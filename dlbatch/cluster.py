@@ -31,10 +31,9 @@ def local_num_cpus(cfg: JobConfig) -> int:
 def use_assigned_cpus() -> int:
     """Size torch's intra-op thread pool to the CPUs Ray assigned to this worker/actor; returns it.
 
-    Ray exports OMP_NUM_THREADS for the assignment, but torch sizes its pool when it is first imported.
-    Where workers import torch before that (measured with a cluster started with
-    RAY_preload_python_modules=torch) every 1-CPU worker kept the machine's core count: 2 threads on this
-    2-core machine, GRU training 4x slower. Call it first in a worker or actor."""
+    Ray exports OMP_NUM_THREADS for the assignment, but torch sizes its pool when it is first imported:
+    a worker that imported torch earlier keeps the machine's core count and oversubscribes it
+    (docs/PERFORMANCE.md). Call it first in a worker or actor."""
     import torch
 
     threads = os.environ.get("OMP_NUM_THREADS", "")
@@ -131,7 +130,7 @@ def ensure_ray(cfg: JobConfig) -> None:
     """``ray.init`` once: the configured/submitted cluster if any, else a private local one on loopback."""
     import ray
 
-    # Ray Data logs ~6 lines per dataset it executes, a dozen per epoch in a fit: warnings only, unless
+    # Ray Data logs several lines per dataset it executes, a dozen per epoch in a fit: warnings only, unless
     # asked (``verbose``) or set by the user. Ray Data reads the variable whenever it configures its
     # loggers (again during executions), in this driver and, for a local cluster, in its processes.
     if cfg.verbose:
@@ -149,7 +148,7 @@ def ensure_ray(cfg: JobConfig) -> None:
     for handler in logging.getLogger("ray").handlers:
         handler.addFilter(WithoutMessage("Token authentication is enabled for this Ray cluster"))
     # A private local cluster has no spot nodes to drain: skip Ray Train's preemption watcher, one more
-    # process per fit (~3 s of CPU to start on 2 cores). A submitted job keeps it; so does an explicit
+    # process per fit (seconds of CPU to start on a small machine). A submitted job keeps it; so does an explicit
     # setting. Ray Train hands this variable on from the driver to its controller.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     dashboard = cfg.cluster.local_dashboard

@@ -115,7 +115,7 @@ class PredictConfig(_Frozen):
     preprocess: Literal["auto", "actor", "tasks"] = "auto"
     # The score split is scored in parts of about this many rows (whole files; a larger file is a part of
     # its own). A finished part is kept in staging: a rerun after a killed attempt scores only the parts
-    # that did not finish. Each part is one Ray Data run, so GPU actors restart (~7 s) between parts.
+    # that did not finish. Each part is one Ray Data run, so GPU actors restart between parts.
     rows_per_part: int = Field(default=1_000_000, ge=1)
 
 

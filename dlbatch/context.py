@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import zlib
 from dataclasses import dataclass
 from typing import Literal
@@ -20,14 +21,26 @@ MODE_SPLITS: dict[Mode, tuple[str, ...]] = {
 
 @dataclass(frozen=True)
 class RunContext:
-    """One task's run on one date: the job config, that task's typed config, where it writes, the mode."""
+    """One task's run on one date: the job config, that task's typed config, where it writes, the mode.
+    Built once per task by the flow; every stage reads it, none changes it."""
 
     job: JobConfig
     task: Task
-    config: ImageTaskConfig | TextTaskConfig
-    paths: RunPaths
     mode: Mode
-    seed: int  # base seed of the run's shuffles; Ray Data combines it with each epoch's execution index
+
+    @property
+    def config(self) -> ImageTaskConfig | TextTaskConfig:
+        return self.job.task(self.task)
+
+    @functools.cached_property
+    def paths(self) -> RunPaths:
+        # Once per context: an object store's filesystem object is built from the URI only here.
+        return run_paths(self.job.output_root, self.task, self.job.effective_run_date().isoformat())
+
+    @functools.cached_property
+    def seed(self) -> int:
+        """Base seed of the run's shuffles; Ray Data combines it with each epoch's execution index."""
+        return zlib.crc32(f"{self.config.train.seed}/{self.paths.run_id}".encode())
 
     @property
     def run_id(self) -> str:
@@ -36,10 +49,3 @@ class RunContext:
     @property
     def splits(self) -> tuple[str, ...]:
         return MODE_SPLITS[self.mode]
-
-
-def build_context(cfg: JobConfig, task: Task, mode: Mode) -> RunContext:
-    config = cfg.task(task)
-    paths = run_paths(cfg.output_root, task, cfg.effective_run_date().isoformat())
-    seed = zlib.crc32(f"{config.train.seed}/{paths.run_id}".encode())
-    return RunContext(job=cfg, task=task, config=config, paths=paths, mode=mode, seed=seed)

@@ -321,8 +321,8 @@ def count_values(
 ) -> pa.Table:
     """Distributed value counting: per-batch counts with ``map_batches``, summed by one Ray task.
 
-    Only the partial counts move (object refs, never through the driver); this is much cheaper here
-    than ``groupby``, whose shuffle starts aggregator actors that cost ~10 s on a 2-core machine.
+    Only the partial counts move (object refs, never through the driver); ``groupby`` would start a
+    shuffle's aggregator actors for a few counts (docs/PERFORMANCE.md).
     """
     import ray
 

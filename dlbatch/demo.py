@@ -252,9 +252,7 @@ def make_rows(
     """``n`` demo rows in chunks of CHUNK_ROWS, chunk c drawn from the seed ``[seed, c]`` (chunk 0's is
     ``seed`` itself, so a split of at most CHUNK_ROWS rows is ``make_*_table(n, seed)``). The rows do not
     depend on how many processes made them; a split of several chunks is made in up to ``processes`` (default:
-    this process's CPUs) new processes. One process drew ~5,500 images/s on this project's 2-core VM, and a
-    100,000-row demo's 167,000 images took ~50 s on a 16-core GPU machine (from its log's timestamps);
-    40,000 images took 6.3 s in one process and 4.0 s in two on the VM."""
+    this process's CPUs) new processes, so a large demo is made at the machine's speed (docs/PERFORMANCE.md)."""
     make = make_image_table if task == "image" else make_text_table
     starts = list(range(0, n, CHUNK_ROWS))
     chunks = [

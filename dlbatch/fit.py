@@ -26,7 +26,6 @@ from dlbatch.store import (
     move_into_place,
     read_json,
     remove_if_exists,
-    run_paths,
     staging_dir,
 )
 from dlbatch.train import WorkerConfig, train_loop_per_worker
@@ -79,10 +78,10 @@ def _trainer(ctx: RunContext, datasets: dict[str, Any], worker: WorkerConfig):
     )
 
 
-def _best_epoch_checkpoint(result, task: str):
+def _best_epoch_checkpoint(trained, task: str):
     """The validated checkpoint with the best val accuracy: one taken at the end of an epoch, never a
     mid-epoch one (``checkpoint_every_steps``), which has no validation."""
-    epochs = [(ckpt, m) for ckpt, m in result.best_checkpoints or [] if m.get("step") is None]
+    epochs = [(ckpt, m) for ckpt, m in trained.best_checkpoints or [] if m.get("step") is None]
     if not epochs:
         raise RuntimeError(f"{task}: training finished without an end-of-epoch checkpoint")
     # Ties go to the earlier epoch, as Ray Train's get_best_checkpoint did.
@@ -94,18 +93,18 @@ def _history(checkpoint) -> list[dict[str, Any]]:
         return load_meta(ckpt_dir).get("history", [])
 
 
-def _publish_best(ctx: RunContext, result) -> tuple[list[dict[str, Any]], int | None, int | None]:
+def _publish_best(ctx: RunContext, trained) -> tuple[list[dict[str, Any]], int | None, int | None]:
     """Copy the best epoch's checkpoint to the run's model directory; returns the whole run's per-epoch
     history (the latest checkpoint's covers every epoch), the best epoch and the final one."""
-    best = _best_epoch_checkpoint(result, ctx.task)
+    best = _best_epoch_checkpoint(trained, ctx.task)
     paths = ctx.paths
     staged = staging_dir(paths, "model")
     paths.fs.create_dir(staged, recursive=True)
     pafs.copy_files(best.path, staged, source_filesystem=best.filesystem, destination_filesystem=paths.fs)
     move_into_place(paths.fs, staged, paths.path("model"))
     best_history = _history(best)
-    history = _history(result.checkpoint) if result.checkpoint is not None else best_history
-    final = result.metrics or (best_history[-1] if best_history else {})
+    history = _history(trained.checkpoint) if trained.checkpoint is not None else best_history
+    final = trained.metrics or (best_history[-1] if best_history else {})
     return history, best_history[-1]["epoch"] if best_history else None, final.get("epoch")
 
 
@@ -125,18 +124,18 @@ def fit_model(ctx: RunContext, splits: dict[str, SplitInfo], learned: Learned) -
         task, learned.model_args, tcfg, ctx.run_id, checkpoint_meta(ctx, learned), time.time()
     )
     try:
-        result = _trainer(ctx, data.datasets, worker).fit()
+        trained = _trainer(ctx, data.datasets, worker).fit()
     finally:  # a streamed split's rows are routed and counted before anything is published
         checks = {s: c.result() if isinstance(c, Future) else c for s, c in data.checks.items()}
     durations["train"] = time.perf_counter() - t0
-    last = (result.return_value or {}).get("diverged")
+    last = (trained.return_value or {}).get("diverged")
     if last:
         raise TrainingError(
             f"{task}: training diverged in epoch {last['epoch'] + 1}/{tcfg.epochs} (train loss "
             f"{last['train_loss']:.4g}, val loss {last['val_loss']:.4g}); nothing published; lower "
             f"{task}.train.lr (now {tcfg.lr:g}) and rerun with force=true"
         )
-    history, best_epoch, final_epoch = _publish_best(ctx, result)
+    history, best_epoch, final_epoch = _publish_best(ctx, trained)
     if history and history[0].get("first_batch_after_s") is not None:
         # Ray Train's fixed cost: fit() to the first training batch (the controller, the worker group, data).
         durations["train_first_batch"] = history[0]["first_batch_after_s"]
@@ -161,18 +160,16 @@ def prune_checkpoints(ctx: RunContext) -> list[str]:
     paths, keep = ctx.paths, ctx.job.keep_checkpoint_runs
     fs, root = resolve_path(paths.storage_path)
     prefix = f"{paths.task}-"
-    infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    entries = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
     dates = sorted(
         i.base_name.removeprefix(prefix)
-        for i in infos
+        for i in entries
         if i.type == pafs.FileType.Directory
         and re.fullmatch(rf"{prefix}\d{{4}}-\d{{2}}-\d{{2}}", i.base_name)
     )
     doomed = []
     for date in dates[:-keep]:
-        if date != paths.run_date and is_published(
-            paths.fs, run_paths(ctx.job.output_root, paths.task, date).path("model")
-        ):
+        if date != paths.run_date and is_published(paths.fs, paths.on(date).path("model")):
             remove_if_exists(fs, f"{root}/{prefix}{date}")
             doomed.append(f"{prefix}{date}")
     if doomed:

@@ -16,20 +16,21 @@ from typing import Any
 from dlbatch import gate
 from dlbatch.cluster import ensure_ray
 from dlbatch.config import JobConfig
-from dlbatch.context import Mode, RunContext, build_context
+from dlbatch.context import Mode, RunContext
 from dlbatch.data import SplitInfo
 from dlbatch.errors import QualityError
-from dlbatch.evaluate import evaluate_model
+from dlbatch.evaluate import accuracy_on_test, evaluate_model
 from dlbatch.fit import fit_model, prune_checkpoints
 from dlbatch.ingest import check_data, learn
 from dlbatch.night import Learned, Night, build_summary
 from dlbatch.publish import (
+    apply_promotion,
     drift_references,
     finished_night,
     forget_run,
     mark_finished,
-    promote,
     scoring_model,
+    store_candidate,
     write_summary,
 )
 from dlbatch.score import publish_predictions, stage_predictions
@@ -47,7 +48,7 @@ def run_nightly(cfg: JobConfig) -> list[dict[str, Any]]:
 
 
 def _run_training(cfg: JobConfig, mode: Mode) -> list[dict[str, Any]]:
-    contexts = [build_context(cfg, task, mode) for task in cfg.tasks]
+    contexts = [RunContext(cfg, task, mode) for task in cfg.tasks]
     # Every split of every task is checked from its Parquet footers before Ray starts, and every task's
     # labels (and tokenizer) are learned before any task trains: a bad second task fails before the first.
     splits = {ctx.task: check_data(ctx) for ctx in contexts}
@@ -87,7 +88,16 @@ def _train_night(ctx: RunContext, splits: dict[str, SplitInfo], learned: Learned
     promotion = scoring = None
     if ctx.mode == "nightly":
         blocks = replace(blocks, drift=gate.drift_block(drift))
-        promotion = promote(ctx, splits["test"], evaluation.accuracy, blocks.reason)
+        candidate = store_candidate(ctx)
+        # The champion is re-measured on tonight's test data (its own number was on other data).
+        rival = None
+        if candidate.rival is not None:
+            measured = None if blocks.reason else accuracy_on_test(ctx, splits["test"], candidate.rival_uri)
+            rival = (candidate.rival["version"], measured)
+        decision = gate.decide_promotion(
+            (candidate.version, evaluation.accuracy), rival, ctx.job.promotion_tolerance, blocks.reason
+        )
+        promotion = apply_promotion(ctx, candidate, decision)
         if promotion.champion is not None:
             staged = stage_predictions(ctx, splits["score"], promotion.champion)
             score_drift = None
@@ -96,7 +106,7 @@ def _train_night(ctx: RunContext, splits: dict[str, SplitInfo], learned: Learned
                 drift = drift.plus(score_drift)
             scoring = publish_predictions(ctx, staged, withheld=gate.drift_block(score_drift))
         withheld = scoring.withheld if scoring else None
-        verdict = gate.nightly_verdict(blocks, drift, promotion.decision, withheld)
+        verdict = gate.nightly_verdict(blocks, drift, decision, withheld)
     else:
         if drift is not None:
             drift = replace(drift, blocked=False)  # this job promotes and scores nothing: nothing to block
@@ -119,7 +129,7 @@ def _train_night(ctx: RunContext, splits: dict[str, SplitInfo], learned: Learned
 def run_predict(cfg: JobConfig, model: str | None = None) -> list[dict[str, Any]]:
     """Score each task's score split with its champion, or with ``model`` (any model directory or URI;
     the predictions' ``model_version`` is then that path or URI)."""
-    contexts = [build_context(cfg, task, "predict") for task in cfg.tasks]
+    contexts = [RunContext(cfg, task, "predict") for task in cfg.tasks]
     splits = {ctx.task: check_data(ctx) for ctx in contexts}
     chosen = {ctx.task: scoring_model(ctx, model) for ctx in contexts}
     ensure_ray(cfg)

@@ -99,10 +99,15 @@ def drift_block(drift: Drift | None) -> str | None:
 
 
 def decide_promotion(
-    version: str, candidate_acc: float, rival: tuple[str, float] | None, tolerance: float, blocked: str | None
+    candidate: tuple[str, float],
+    rival: tuple[str, float | None] | None,
+    tolerance: float,
+    blocked: str | None,
 ) -> Decision:
-    """Promotion of ``version`` against ``rival`` (its version and its accuracy re-measured on tonight's
-    test data). ``blocked``: why the candidate may not be promoted at all (the floor, or drift)."""
+    """Promotion of ``candidate`` (version, test accuracy) against ``rival`` (the champion's version and
+    its accuracy re-measured on tonight's test data). ``blocked``: why the candidate may not be promoted
+    at all (the floor, or drift); the rival is then not measured."""
+    version, candidate_acc = candidate
     rival_version, rival_acc = rival if rival else (None, None)
     if blocked:
         return Decision(False, rival_version, blocked, candidate_acc, rival_version, rival_acc)

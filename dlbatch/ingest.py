@@ -62,12 +62,12 @@ def data_paths(ctx: RunContext) -> dict[str, str | None]:
 def check_data(ctx: RunContext) -> dict[str, SplitInfo]:
     """Fail fast on bad datasets from Parquet footers alone (no Ray needed, nothing started yet)."""
     paths = data_paths(ctx)
-    infos: dict[str, SplitInfo] = {}
+    found: dict[str, SplitInfo] = {}
     for split in ctx.splits:
         if not paths.get(split):
             raise DataError(f"{ctx.task}.data.{split}: no path configured")
-        infos[split] = inspect_split(split, paths[split], ctx.config, ctx.task, needs_label=split != "score")
-    return infos
+        found[split] = inspect_split(split, paths[split], ctx.config, ctx.task, needs_label=split != "score")
+    return found
 
 
 def learn(ctx: RunContext, splits: dict[str, SplitInfo]) -> Learned:

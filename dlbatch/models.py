@@ -88,9 +88,9 @@ class TextGRU(nn.Module):
 def fast_layout(model: nn.Module) -> nn.Module:
     """The memory layout dlbatch runs a model in (same values; checkpoints load into either layout).
 
-    The CNN's weights go channels_last (NHWC), which makes PyTorch take oneDNN's NHWC convolutions on CPU
-    (measured here on one thread: ~1.3x training, ~1.8x inference over the default NCHW) and is the layout
-    tensor cores use on GPU. Inputs may stay NCHW: a conv follows its weight's layout."""
+    The CNN's weights go channels_last (NHWC), which makes PyTorch take oneDNN's faster NHWC convolutions on
+    CPU (docs/PERFORMANCE.md) and is the layout tensor cores use on GPU. Inputs may stay NCHW: a conv
+    follows its weight's layout."""
     if isinstance(model, ImageCNN):
         return model.to(memory_format=torch.channels_last)
     return model

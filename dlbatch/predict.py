@@ -236,9 +236,8 @@ def actor_pool_size(pcfg: PredictConfig, cluster: dict[str, float]) -> int:
     sized from its totals waits forever for actors that cannot be placed while other work holds part of
     it, and takes the CPUs its own read tasks need.
 
-    A fixed pool, not an autoscaling one: on a small cluster Ray Data's autoscaler kept a (1, n) pool at
-    one actor for a whole 50,000-image run (its utilization threshold was never crossed), halving
-    throughput on two cores."""
+    A fixed pool, not an autoscaling one: on a small cluster Ray Data's autoscaler can keep a (1, n) pool
+    at one actor for a whole run, its utilization threshold never crossed (docs/PERFORMANCE.md)."""
     if pcfg.num_actors:
         return int(pcfg.num_actors)
     if pcfg.gpus_per_actor > 0:
@@ -263,9 +262,8 @@ def use_actors(pcfg: PredictConfig) -> bool:
     """``compute: auto`` picks actors for GPU inference (one model per GPU, loaded once) and tasks on CPUs.
 
     On CPUs, tasks run in Ray's already-started worker processes, which keep torch and the model (see
-    ``predict_batch``) from one task to the next: no actor start-up per dataset (~4-5 s for a fresh
-    pool on 2 cores). Measured on 50,000 PNGs, 2 cores: ~4,700 images/s with tasks once the workers
-    are warm, ~2,600 with a 2-actor pool."""
+    ``predict_batch``) from one task to the next: no actor start-up per dataset, and faster than a CPU
+    actor pool once the workers are warm (docs/PERFORMANCE.md)."""
     if pcfg.compute == "auto":
         return pcfg.gpus_per_actor > 0
     return pcfg.compute == "actors"

@@ -4,15 +4,15 @@ drift is measured against, ``summary.json`` and ``report.html``, and the run's f
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow.fs as pafs
 
 from dlbatch.context import RunContext
-from dlbatch.data import SplitInfo, resolve_path
+from dlbatch.data import resolve_path
 from dlbatch.errors import DlbatchError
-from dlbatch.evaluate import accuracy_on_test
-from dlbatch.gate import decide_promotion
+from dlbatch.gate import Decision
 from dlbatch.night import Promotion, ScoringModel
 from dlbatch.registry import ModelStore
 from dlbatch.report import render_report
@@ -46,8 +46,8 @@ def mark_finished(ctx: RunContext) -> None:
 def previous_summary(paths: RunPaths, finished_only: bool = False) -> dict[str, Any] | None:
     """The latest earlier run date's summary for this task, for night-over-night comparison;
     ``finished_only``: of a nightly run that finished (not one that drift blocked or that was killed)."""
-    infos = paths.fs.get_file_info(pafs.FileSelector(f"{paths.root}/runs", allow_not_found=True))
-    dates = sorted((i.base_name for i in infos if i.type == pafs.FileType.Directory), reverse=True)
+    entries = paths.fs.get_file_info(pafs.FileSelector(f"{paths.root}/runs", allow_not_found=True))
+    dates = sorted((i.base_name for i in entries if i.type == pafs.FileType.Directory), reverse=True)
     for date in dates:
         run_dir = f"{paths.root}/runs/{date}/{paths.task}"
         if date < paths.run_date and (not finished_only or is_published(paths.fs, run_dir)):
@@ -76,38 +76,50 @@ def drift_references(ctx: RunContext) -> dict[str, tuple[str, dict[str, Any]]]:
     return references
 
 
-def promote(ctx: RunContext, test: SplitInfo, accuracy: float, blocked: str | None) -> Promotion:
-    """Store tonight's model as a version and apply the promotion gate against the champion it competes
-    with (re-measured on tonight's ``test`` split); ``blocked``: why it may not be promoted at all."""
-    paths, task = ctx.paths, ctx.task
+@dataclass(frozen=True)
+class Candidate:
+    """Tonight's model, stored as a version, and the champion it competes with."""
+
+    version: str
+    rival: dict[str, Any] | None  # champion_before: {"version", "test_accuracy"}, or None
+    rival_uri: str | None
+    was_champion: bool  # a forced rerun of the champion's own night
+    stored: bool  # the store holds this model directory's copy for the first time
+    replaced: bool  # force=true replaced a stored version
+
+
+def store_candidate(ctx: RunContext) -> Candidate:
+    """Store tonight's model as a version of the model store (a forced night replaces its own)."""
+    paths = ctx.paths
     store = ModelStore(paths)
     version = paths.run_date
     current = store.champion()
     rival = store.champion_before(version)
     replaced = ctx.job.force and is_published(paths.fs, store.version_path(version))
     stored = store.add_version(version, paths.path("model"), replace=ctx.job.force)
-    measured = None
-    if rival is not None:
-        # Re-measured on tonight's test data (last night's number was on other data); not for a blocked model.
-        rival_acc = accuracy_on_test(ctx, test, store.version_uri(rival["version"])) if not blocked else None
-        measured = (rival["version"], rival_acc)
-    decision = decide_promotion(version, accuracy, measured, ctx.job.promotion_tolerance, blocked)
-    is_champion = (current or {}).get("version") == version
-    if decision.promoted and (stored or not is_champion):
-        store.set_champion(version, accuracy, paths.run_id)
-    elif not decision.promoted and is_champion:
+    rival_uri = store.version_uri(rival["version"]) if rival else None
+    was_champion = (current or {}).get("version") == version
+    return Candidate(version, rival, rival_uri, was_champion, stored, replaced)
+
+
+def apply_promotion(ctx: RunContext, candidate: Candidate, decision: Decision) -> Promotion:
+    """Move the champion pointer as the gate decided; keep ``keep_versions`` versions."""
+    store = ModelStore(ctx.paths)
+    if decision.promoted and (candidate.stored or not candidate.was_champion):
+        store.set_champion(candidate.version, decision.candidate_accuracy, ctx.run_id)
+    elif not decision.promoted and candidate.was_champion:
         # A forced rerun replaced the champion's own night with a worse model: back to the one before it.
-        if rival is None:
+        if candidate.rival is None:
             store.clear_champion()
         else:
-            store.set_champion(rival["version"], rival["test_accuracy"], paths.run_id)
+            store.set_champion(candidate.rival["version"], candidate.rival["test_accuracy"], ctx.run_id)
     deleted = store.apply_retention(ctx.job.keep_versions)
-    log.info("%s: %s (%s)", task, "promoted" if decision.promoted else "not promoted", decision.reason)
+    log.info("%s: %s (%s)", ctx.task, "promoted" if decision.promoted else "not promoted", decision.reason)
     champion = None
     if decision.champion_version is not None:
         uri = store.version_uri(decision.champion_version)
-        champion = ScoringModel(uri, f"{task}-{decision.champion_version}")
-    return Promotion(decision, deleted, replaced, champion)
+        champion = ScoringModel(uri, f"{ctx.task}-{decision.champion_version}")
+    return Promotion(decision, deleted, candidate.replaced, champion)
 
 
 def scoring_model(ctx: RunContext, model: str | None) -> ScoringModel:

@@ -89,8 +89,8 @@ class ModelStore:
     def apply_retention(self, keep: int) -> list[str]:
         """Delete all but the newest ``keep`` versions; never the champion. Returns what was deleted."""
         champion = (self.champion() or {}).get("version")
-        infos = self.fs.get_file_info(pafs.FileSelector(f"{self.root}/versions", allow_not_found=True))
-        versions = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+        entries = self.fs.get_file_info(pafs.FileSelector(f"{self.root}/versions", allow_not_found=True))
+        versions = sorted(i.base_name for i in entries if i.type == pafs.FileType.Directory)
         doomed = [v for v in versions[:-keep] if v != champion] if keep > 0 else []
         for version in doomed:
             self.fs.delete_dir(self.version_path(version))

@@ -163,8 +163,8 @@ def _rows_written(fs: pafs.FileSystem, directory: str, total: int) -> str:
     """Rows in the Parquet files a stage has written so far (their footers), of ``total``."""
     import pyarrow.dataset as pads
 
-    infos = fs.get_file_info(pafs.FileSelector(directory, allow_not_found=True))
-    files = [i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")]
+    entries = fs.get_file_info(pafs.FileSelector(directory, allow_not_found=True))
+    files = [i.path for i in entries if i.type == pafs.FileType.File and i.path.endswith(".parquet")]
     written = pads.dataset(files, filesystem=fs, format="parquet").count_rows() if files else 0
     return f"{written:,} of {total:,} rows written"
 

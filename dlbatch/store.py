@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pyarrow.compute as pc
@@ -40,6 +40,10 @@ class RunPaths:
 
     def uri(self, *parts: str) -> str:
         return "/".join([self.uri_root.rstrip("/"), "runs", self.run_date, self.task, *parts])
+
+    def on(self, run_date: str) -> RunPaths:
+        """The same task's paths on another run date (same filesystem object)."""
+        return replace(self, run_date=run_date)
 
     @property
     def storage_path(self) -> str:
@@ -108,10 +112,10 @@ def file_fingerprints(fs: pafs.FileSystem, files: list[str]) -> list[tuple[str, 
 
 def tree_fingerprint(fs: pafs.FileSystem, path: str) -> list[tuple[str, int | None, int | None]]:
     """(path, size, modification time in ns) of every file under a directory (or of the file itself)."""
-    infos = fs.get_file_info([path])
-    if infos[0].type == pafs.FileType.Directory:
-        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    return sorted((i.path, i.size, i.mtime_ns) for i in infos if i.type != pafs.FileType.Directory)
+    entries = fs.get_file_info([path])
+    if entries[0].type == pafs.FileType.Directory:
+        entries = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    return sorted((i.path, i.size, i.mtime_ns) for i in entries if i.type != pafs.FileType.Directory)
 
 
 def part_key(inputs: list[tuple[str, int | None, int | None]], fingerprint: dict[str, Any]) -> str:

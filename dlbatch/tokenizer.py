@@ -73,7 +73,7 @@ class _Encoder:
     Real text repeats its words and characters, so after a few batches most chunks are hits.
     """
 
-    MAX_ENTRIES = 200_000  # memo entries per process (~30 MB of words); cleared before a batch would pass it
+    MAX_ENTRIES = 200_000  # memo entries per process (its size: docs/PERFORMANCE.md); cleared before a batch would pass it
     MAX_CHUNK_CHARS = 100  # longer chunks (blobs, long URLs) are encoded for their batch, never looked up
 
     def __init__(self, tokenizer_json: str):

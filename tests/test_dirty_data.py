@@ -205,7 +205,7 @@ def test_a_second_task_whose_labels_are_out_of_range_fails_before_the_first_trai
 
 
 def test_train_labels_outside_the_configured_classes_fail_fast(ray_cluster, tmp_path):
-    from dlbatch.context import build_context
+    from dlbatch.context import RunContext
     from dlbatch.ingest import check_data, learn
 
     table = make_image_table(20, seed=1)
@@ -220,5 +220,5 @@ def test_train_labels_outside_the_configured_classes_fail_fast(ray_cluster, tmp_
     with pytest.raises(
         DataError, match=r"train: column 'label' has labels in 0\.\.12, outside the configured 10 classes"
     ):
-        ctx = build_context(cfg, "image", "train")
+        ctx = RunContext(cfg, "image", "train")
         learn(ctx, check_data(ctx))

@@ -78,10 +78,10 @@ def _epoch_orders(
 ) -> tuple[list[list[int]], dict]:
     """The training dataset the trainer would get, executed once per epoch as Ray Train does; ``data``:
     a label map and tokenizer learned before (else learned here)."""
-    from dlbatch.context import build_context
+    from dlbatch.context import RunContext
     from dlbatch.ingest import check_data, learn, training_data
 
-    ctx = build_context(_config(splits, "sorted-8-files", out, *overrides), "text", "train")
+    ctx = RunContext(_config(splits, "sorted-8-files", out, *overrides), "text", "train")
     splits_found = check_data(ctx)
     prepared = training_data(ctx, splits_found, data or learn(ctx, splits_found))
     train = prepared.datasets["train"]
@@ -104,11 +104,11 @@ def test_every_epoch_takes_a_new_order_of_every_row_mixed_across_the_split(
 ):
     """Ray Data's shuffle combines its pieces in the order its tasks finish, so one seed does not pin the
     exact order (README, "Training data"); what holds is checked here, streamed and materialized."""
-    from dlbatch.context import build_context
+    from dlbatch.context import RunContext
     from dlbatch.ingest import check_data, learn
 
     setting = f"text.train.materialize={materialize}"
-    ctx = build_context(_config(text_splits, "sorted-8-files", tmp_path), "text", "train")
+    ctx = RunContext(_config(text_splits, "sorted-8-files", tmp_path), "text", "train")
     data = learn(ctx, check_data(ctx))
     first, _ = _epoch_orders(text_splits, tmp_path / "shuffled", setting, data=data)
     stored, _ = _epoch_orders(text_splits, tmp_path / "stored", setting, "text.train.shuffle=none", data=data)
@@ -146,10 +146,10 @@ def test_a_retried_run_reuses_what_its_first_attempt_learned(ray_cluster, text_s
     checkpoints must tokenize with the first attempt's tokenizer, saved in the run's directory."""
     import json
 
-    from dlbatch.context import build_context
+    from dlbatch.context import RunContext
     from dlbatch.ingest import check_data, learn
 
-    ctx = build_context(_config(text_splits, "shuffled", tmp_path), "text", "train")
+    ctx = RunContext(_config(text_splits, "shuffled", tmp_path), "text", "train")
     infos = check_data(ctx)
     first = learn(ctx, infos)
     saved = json.loads((tmp_path / "runs" / "2026-11-25" / "text" / "learned.json").read_text())

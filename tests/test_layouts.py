@@ -85,7 +85,9 @@ def test_partition_labels_are_typed_as_configured(ray_cluster, tmp_path):
     task_cfg = TextTaskConfig()
 
     def typed(label_type: str) -> TextTaskConfig:
-        return task_cfg.model_copy(update={"data": task_cfg.data.model_copy(update={"label_type": label_type})})
+        return task_cfg.model_copy(
+            update={"data": task_cfg.data.model_copy(update={"label_type": label_type})}
+        )
 
     info = inspect_split("train", str(tmp_path / "d"), task_cfg, "text", needs_label=True)
     assert info.label_type == "int" and info.has_label

@@ -15,6 +15,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from test_night import assert_summary_keys
 
 from dlbatch.checkpoint import MODEL_FILE
 from dlbatch.config import load_config
@@ -167,6 +168,7 @@ def test_nights_quality_floor_promotion_gate_force_mlflow_and_idempotent_trigger
     assert set(drift["distances"]) == {"train", "val", "test", "score"} and drift["drifted"] == []
     assert "Input profile and drift" in report
     assert night3["versions"]["ray"].startswith("2.60") and night3["config"]["train"]["epochs"] == 2
+    assert_summary_keys(night3)  # summary.json keeps every key it has carried (tests/test_night.py)
 
     # MLflow has every night that ran: its run (params, per-epoch metrics, summary, report, model) and a
     # model version, with the champion alias on the promoted one.
