@@ -126,6 +126,11 @@ class WithoutMessage(logging.Filter):
         return not record.getMessage().startswith(self.prefix)
 
 
+# Deprecation warnings that Ray's own internals raise in the job's workers and actors: nothing a user of
+# dlbatch can act on.
+_QUIET_WARNINGS = {"PYTHONWARNINGS": "ignore::DeprecationWarning"}
+
+
 def ensure_ray(cfg: JobConfig) -> None:
     """``ray.init`` once: the configured/submitted cluster if any, else a private local one on loopback."""
     import ray
@@ -133,6 +138,7 @@ def ensure_ray(cfg: JobConfig) -> None:
     # Ray Data logs several lines per dataset it executes, a dozen per epoch in a fit: warnings only, unless
     # asked (``verbose``) or set by the user. Ray Data reads the variable whenever it configures its
     # loggers (again during executions), in this driver and, for a local cluster, in its processes.
+    set_by_user = {name for name in ("RAY_DATA_LOG_LEVEL", "PYTHONWARNINGS") if name in os.environ}
     if cfg.verbose:
         os.environ["RAY_DATA_LOG_LEVEL"] = "INFO"
     data_log_level = os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
@@ -141,7 +147,14 @@ def ensure_ray(cfg: JobConfig) -> None:
         return
     address = cluster_address(cfg)
     if address:
-        ray.init(address=address, log_to_driver=True)
+        # The job's own Ray Data actors (Ray Train's split coordinator among them) log at the driver's level.
+        # What the user set is left alone: a submitted job's runtime env already carries it to them, and Ray
+        # refuses a variable named in both the job's and ray.init's runtime env.
+        wanted = {"RAY_DATA_LOG_LEVEL": data_log_level, **_QUIET_WARNINGS}
+        env_vars = {name: value for name, value in wanted.items() if name not in set_by_user}
+        ray.init(
+            address=address, log_to_driver=True, runtime_env={"env_vars": env_vars} if env_vars else None
+        )
         return
     # Ray turns token authentication on for a local cluster and says so as a warning on every start; there
     # is nothing to act on (turning it off is the one thing not to do), so the notice is left out.
@@ -165,7 +178,7 @@ def ensure_ray(cfg: JobConfig) -> None:
     num_cpus = local_num_cpus(cfg)
     # RAY_DATA_LOG_LEVEL reaches Ray Data in every worker and actor of the cluster (Ray Train's dataset
     # actors too); PYTHONWARNINGS hides deprecation warnings that Ray's own internals raise in them.
-    cluster_env = {"RAY_DATA_LOG_LEVEL": data_log_level, "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+    cluster_env = {"RAY_DATA_LOG_LEVEL": data_log_level, **_QUIET_WARNINGS}
     with own_address(**cluster_env):
         context = ray.init(
             address="local",  # always a private instance: never attach to a cluster that merely runs here

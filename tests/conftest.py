@@ -1,5 +1,7 @@
-"""Shared fixtures: one real local Ray cluster for the whole session (a worker group takes ~25 s to start
-here, so tests share the cluster rather than each starting one)."""
+"""Shared fixtures: one real local Ray cluster for the whole session, which the tests' subprocess jobs join
+too (a private cluster costs seconds to start here; tests whose subject is a private cluster or its
+lifecycle start their own), an S3 API server on loopback whose endpoint every process of that cluster
+knows (as a cluster's nodes know their object store's credentials), and the demo data, made once."""
 
 from __future__ import annotations
 
@@ -11,14 +13,49 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def s3_service():
+    """moto's S3 API server on a free loopback port for the whole session: (environment for clients,
+    a pyarrow filesystem on it)."""
+    import socket
+    import time
+
+    import pyarrow.fs as pafs
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.time() + 60
+    while True:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        assert time.time() < deadline and server.poll() is None, "moto server did not start"
+        time.sleep(0.2)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+    fs = pafs.S3FileSystem(
+        endpoint_override=f"127.0.0.1:{port}", scheme="http", access_key="testing", secret_key="testing",
+        region="us-east-1", allow_bucket_creation=True,
+    )  # fmt: skip
+    yield env, fs
+    os.killpg(server.pid, 15)
+    server.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_service):
     import ray
 
     from dlbatch.cluster import own_address
 
-    # Told its own address, as dlbatch's local cluster is: a test's subprocess job runs a second cluster on
-    # this host, and without it a killed controller's placement group would keep holding its CPUs.
-    with own_address():
+    # Told its own address, as dlbatch's local cluster is: a test's subprocess job may run a second cluster
+    # on this host, and without it a killed controller's placement group would keep holding its CPUs. The
+    # S3 endpoint reaches every process the cluster starts, as it would on a cluster's nodes.
+    with own_address(**s3_service[0]):
         # More logical CPUs than cores on purpose: training workers hold CPUs for a whole fit and Ray Data
         # still needs some, or a fit would hang. Loopback only.
         ray.init(
@@ -34,6 +71,14 @@ def ray_cluster():
         )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def shared_ray_env(ray_cluster, s3_service) -> dict[str, str]:
+    """The environment of a subprocess job that joins the session's cluster, as `ray job submit` would
+    have it join a running one (RAY_ADDRESS), with the S3 endpoint's client settings."""
+    address = ray_cluster.get_runtime_context().gcs_address
+    return {**os.environ, **s3_service[0], "RAY_ADDRESS": address}
 
 
 @pytest.fixture(scope="session")

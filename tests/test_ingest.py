@@ -14,7 +14,7 @@ import pytest
 from dlbatch.config import load_config
 from dlbatch.demo import make_text_table
 from dlbatch.flow import run_train
-from dlbatch.night import SplitCheck
+from dlbatch.night import Counts, SplitCheck
 
 ROWS = 3000
 
@@ -74,14 +74,14 @@ def test_a_label_sorted_training_split_trains_as_well_as_the_same_rows_shuffled(
 
 
 def _epoch_orders(
-    splits: dict, out: Path, *overrides: str, data=None, epochs: int = 2
+    splits: dict, out: Path, *overrides: str, data=None, epochs: int = 2, train: str = "sorted-8-files"
 ) -> tuple[list[list[int]], dict]:
     """The training dataset the trainer would get, executed once per epoch as Ray Train does; ``data``:
     a label map and tokenizer learned before (else learned here)."""
     from dlbatch.context import RunContext
     from dlbatch.ingest import check_data, learn, training_data
 
-    ctx = RunContext(_config(splits, "sorted-8-files", out, *overrides), "text", "train")
+    ctx = RunContext(_config(splits, train, out, *overrides), "text", "train")
     splits_found = check_data(ctx)
     prepared = training_data(ctx, splits_found, data or learn(ctx, splits_found))
     train = prepared.datasets["train"]
@@ -125,20 +125,23 @@ def test_every_epoch_takes_a_new_order_of_every_row_mixed_across_the_split(
 
 
 def test_the_streamed_path_routes_rejects_while_it_trains(ray_cluster, text_splits, tmp_path):
-    """Streamed, the split's rejects are found by a pass of their own that runs beside the fit; they are
-    written with their reasons and counted like the materialized path's."""
+    """Streamed, the split's rejects are found by a pass of their own that runs beside the epochs (here
+    one epoch's pass as Ray Train would read it; the label-sorted test above fits a streamed split); they are written
+    with their reasons and counted like the materialized path's, and the training rows exclude them."""
     bad = make_text_table(40, seed=5, start=5 * 10**6)
     bad = bad.set_column(bad.schema.get_field_index("text"), "text", pa.array([""] * 20 + ["   "] * 20))
     clean = pq.read_table(text_splits["sorted-8-files"])
     splits = {**text_splits, "dirty": _write(pa.concat_tables([clean, bad]), tmp_path / "dirty", files=4)}
-    cfg = _config(splits, "dirty", tmp_path / "out", "text.train.materialize=false", "text.train.epochs=1")
-    [summary] = run_train(cfg)
+    [epoch], found = _epoch_orders(
+        splits, tmp_path / "out", "text.train.materialize=false", epochs=1, train="dirty"
+    )
 
-    assert summary["rows"]["train"] == {"read": ROWS + 40, "used": ROWS, "rejected": 40}
-    assert summary["history"][0]["train_samples"] == ROWS
+    assert found["rows"]["train"] == Counts(read=ROWS + 40, used=ROWS, rejected=40)
+    assert len(epoch) == ROWS  # the fit's rows: every usable row, no rejected one
     rejects = pads.dataset(tmp_path / "out" / "runs" / "2026-11-25" / "text" / "rejects" / "train").to_table()
     assert sorted(rejects["id"].to_pylist()) == bad["id"].to_pylist()
     assert set(rejects["reject_reason"].to_pylist()) == {"empty text"}
+    assert found["rows"]["val"] == Counts(read=ROWS // 5, used=ROWS // 5, rejected=0)
 
 
 def test_a_retried_run_reuses_what_its_first_attempt_learned(ray_cluster, text_splits, tmp_path):

@@ -1,4 +1,6 @@
-"""The job's log as a person reads it: the default demo night, both tasks, in its own process."""
+"""The job's log as a person reads it: the default demo night, both tasks, in its own process, joined to
+the session's cluster as a submitted job joins its cluster (a private local cluster's own log line is
+checked in tests/test_resources.py)."""
 
 from __future__ import annotations
 
@@ -14,8 +16,7 @@ REPO = Path(__file__).parents[1]
 BANNERS = ("Starting execution of Dataset", "Execution plan of Dataset", "Total Progress", "Running Dataset")
 
 
-def _job(*args: str, timeout: int = 600) -> tuple[int, str]:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a job on its own local Ray
+def _job(*args: str, env: dict[str, str], timeout: int = 600) -> tuple[int, str]:
     done = subprocess.run(
         [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
         start_new_session=True,
@@ -24,13 +25,13 @@ def _job(*args: str, timeout: int = 600) -> tuple[int, str]:
 
 
 @pytest.fixture(scope="module")
-def demo_night(ray_cluster, tmp_path_factory):
+def demo_night(shared_ray_env, tmp_path_factory):
     out = tmp_path_factory.mktemp("night")
     # Enough steps for models well above the quality floor (else exit 3): the CNN on 600 rows x 2 epochs
     # scored 23-49% against a floor of ~31%; on 1,000 rows x 3 epochs, 80-89%.
     code, log = _job("jobs/nightly.py", f"output_root={out}", "demo_rows=1000", "--run-date", "2026-11-25",
                      "image.train.epochs=3", "text.train.epochs=3", "image.train.batch_size=16",
-                     "text.train.batch_size=16")  # fmt: skip
+                     "text.train.batch_size=16", env=shared_ray_env)  # fmt: skip
     return out, code, log
 
 
@@ -50,7 +51,6 @@ def test_the_demo_night_logs_its_plan_stages_epochs_and_summary_and_nothing_else
         )
         assert any(f"{task}: scored score 333 rows (0 rejected) in " in line for line in lines)
         assert any(line.startswith(f"[{task}] test accuracy ") for line in lines)  # the summary
-    assert any("local Ray: " in line for line in lines)
     assert [line for line in lines if any(banner in line for banner in BANNERS)] == []
     assert [line for line in lines if "WARNING" in line or "Warning" in line] == []
     # The test session's own Ray runs on this host meanwhile: the job's processes talk to the job's cluster
@@ -60,23 +60,24 @@ def test_the_demo_night_logs_its_plan_stages_epochs_and_summary_and_nothing_else
     assert len(lines) <= 70, "\n".join(lines)
 
 
-def test_verbose_brings_ray_datas_banners_back(demo_night):
+def test_verbose_brings_ray_datas_banners_back(demo_night, shared_ray_env):
     out, _, _ = demo_night
     # The night is published: training is skipped, but the data checks and evaluation still run Ray Data.
     code, log = _job("jobs/train.py", "--verbose", f"output_root={out}", "tasks=[text]", "demo_rows=1000",
-                     "text.train.batch_size=16", "--run-date=2026-11-25")  # fmt: skip
+                     "text.train.batch_size=16", "--run-date=2026-11-25", env=shared_ray_env)  # fmt: skip
     assert code == 0, log[-3000:]
     assert "already trained" in log
     assert any(banner in log for banner in BANNERS)
 
 
 def test_options_and_overrides_come_in_any_order_and_a_mistake_is_one_line(tmp_path):
+    env = dict(os.environ)  # both mistakes end the job before it looks for a cluster
     code, log = _job("jobs/train.py", "--run-date", "2026-11-25", f"text.data.train={tmp_path / 'none'}",
-                     "tasks=[text]", "--config", "jobs/configs/demo.yaml")  # fmt: skip
+                     "tasks=[text]", "--config", "jobs/configs/demo.yaml", env=env)  # fmt: skip
     assert code == 2
     assert log.strip().splitlines() == [f"dlbatch: error: {tmp_path / 'none'}: no such file or directory"]
 
-    code, log = _job("jobs/train.py", "tasks=[text]", "--no-such-option")
+    code, log = _job("jobs/train.py", "tasks=[text]", "--no-such-option", env=env)
     assert code == 2
     assert log.strip().splitlines() == [
         "dlbatch: error: unrecognized arguments: --no-such-option (see --help)"

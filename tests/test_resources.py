@@ -59,6 +59,9 @@ def test_training_workers_holding_every_cpu_end_the_job_in_one_line_not_a_hang(
         "cluster.local_num_cpus"
     ]
     assert "Traceback" not in done.stdout + done.stderr
+    assert (
+        "local Ray: 2 logical CPUs, dashboard at http://127.0.0.1:" in done.stderr
+    )  # its own cluster, said once
     assert not (tmp_path / "ray_results").exists()  # nothing trained
 
 

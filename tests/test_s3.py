@@ -1,12 +1,10 @@
 """Object storage for real: data, Ray Train checkpoints and predictions on s3:// against an S3 API server
-(moto's server mode) started on loopback by this test. Credentials and endpoint come from the standard
-AWS environment variables, as they would on a cluster."""
+(moto's server mode, started on loopback for the session: tests/conftest.py). Credentials and endpoint
+come from the standard AWS environment variables, in the job and in every process of the cluster it
+joins, as they would on a cluster."""
 
-import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow.dataset as pads
@@ -16,41 +14,10 @@ import pytest
 REPO = Path(__file__).parents[1]
 
 
-@pytest.fixture
-def s3_server():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    deadline = time.time() + 30
-    while True:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        assert time.time() < deadline and server.poll() is None, "moto server did not start"
-        time.sleep(0.2)
-    env = {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    fs = pafs.S3FileSystem(
-        endpoint_override=f"127.0.0.1:{port}", scheme="http", access_key="testing", secret_key="testing",
-        region="us-east-1", allow_bucket_creation=True,
-    )  # fmt: skip
-    fs.create_dir("nightly")
-    yield env, fs
-    server.terminate()
-    server.wait(timeout=30)
-
-
 @pytest.mark.slow
-def test_full_run_on_object_storage_with_resume(s3_server, demo_root):
-    env, fs = s3_server
+def test_full_run_on_object_storage_with_resume(s3_service, shared_ray_env, demo_root):
+    _, fs = s3_service
+    fs.create_dir("nightly")
     for split, local in demo_root["text"].items():
         pafs.copy_files(local, f"nightly/data/text/{split}", destination_filesystem=fs)
     args = [
@@ -58,7 +25,7 @@ def test_full_run_on_object_storage_with_resume(s3_server, demo_root):
         *[f"text.data.{s}=s3://nightly/data/text/{s}" for s in demo_root["text"]],
         "text.train.epochs=2", "text.train.batch_size=32",
     ]  # fmt: skip
-    run_env = {**os.environ, **env}
+    run_env = shared_ray_env
     done = subprocess.run(args, cwd=REPO, env=run_env, capture_output=True, text=True, timeout=500)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     assert "[text] test accuracy" in done.stdout
