@@ -131,6 +131,21 @@ class WithoutMessage(logging.Filter):
 _QUIET_WARNINGS = {"PYTHONWARNINGS": "ignore::DeprecationWarning"}
 
 
+def _join(address: str, env_vars: dict[str, str]) -> None:
+    """Connect to a running cluster; the job's own workers and actors there (Ray Train's split coordinator
+    among them) get ``env_vars``, so they log as this driver does. A submitted job whose runtime env names
+    one of them already: Ray refuses a variable named twice, and the job's own settings stand."""
+    import ray
+
+    try:
+        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": env_vars})
+    except ValueError as err:
+        if "Failed to merge" not in str(err):
+            raise
+        log.info("the job's runtime env sets %s itself; kept", " or ".join(sorted(env_vars)))
+        ray.init(address=address, log_to_driver=True)
+
+
 def ensure_ray(cfg: JobConfig) -> None:
     """``ray.init`` once: the configured/submitted cluster if any, else a private local one on loopback."""
     import ray
@@ -138,7 +153,6 @@ def ensure_ray(cfg: JobConfig) -> None:
     # Ray Data logs several lines per dataset it executes, a dozen per epoch in a fit: warnings only, unless
     # asked (``verbose``) or set by the user. Ray Data reads the variable whenever it configures its
     # loggers (again during executions), in this driver and, for a local cluster, in its processes.
-    set_by_user = {name for name in ("RAY_DATA_LOG_LEVEL", "PYTHONWARNINGS") if name in os.environ}
     if cfg.verbose:
         os.environ["RAY_DATA_LOG_LEVEL"] = "INFO"
     data_log_level = os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
@@ -147,14 +161,7 @@ def ensure_ray(cfg: JobConfig) -> None:
         return
     address = cluster_address(cfg)
     if address:
-        # The job's own Ray Data actors (Ray Train's split coordinator among them) log at the driver's level.
-        # What the user set is left alone: a submitted job's runtime env already carries it to them, and Ray
-        # refuses a variable named in both the job's and ray.init's runtime env.
-        wanted = {"RAY_DATA_LOG_LEVEL": data_log_level, **_QUIET_WARNINGS}
-        env_vars = {name: value for name, value in wanted.items() if name not in set_by_user}
-        ray.init(
-            address=address, log_to_driver=True, runtime_env={"env_vars": env_vars} if env_vars else None
-        )
+        _join(address, {"RAY_DATA_LOG_LEVEL": data_log_level, **_QUIET_WARNINGS})
         return
     # Ray turns token authentication on for a local cluster and says so as a warning on every start; there
     # is nothing to act on (turning it off is the one thing not to do), so the notice is left out.

@@ -8,6 +8,7 @@ types hold on both sides; checkpoints keep ``model_dump(mode="json")``.
 from __future__ import annotations
 
 import datetime as dt
+import difflib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -188,11 +189,14 @@ class JobConfig(_Frozen):
     # A long stage (preprocessing a split, scoring, the tokenizer's training) logs a line this often, with
     # what it has done so far where that is known; 0 turns it off.
     progress_every_s: float = Field(default=60.0, ge=0)
-    # Promotion gate: a new model becomes champion if its test accuracy >= champion's (same test data) - this.
+    # Promotion gate: a new model becomes champion if its gate_metric >= champion's (same test data) - this.
     promotion_tolerance: float = Field(default=0.01, ge=0, le=1)
-    # Quality floor (dlbatch/quality.py): a model must get at least this share of the test rows right that
-    # "always the majority class" gets wrong. Below it a model is never promoted and the night fails.
+    # Quality floor (dlbatch/quality.py): a model must close at least this share of the gap between "always
+    # the majority class" and a perfect score. Below it a model is never promoted and the night fails.
     quality_margin: float = Field(default=0.2, ge=0, lt=1)
+    # The test metric of the promotion gate and the quality floor. macro_f1 or balanced_accuracy weigh
+    # every class alike, so a split where one class dominates cannot flatter a model that ignores the rest.
+    gate_metric: Literal["accuracy", "macro_f1", "balanced_accuracy"] = "accuracy"
     keep_versions: int = Field(default=5, ge=1)  # model versions kept per task (the champion always is)
     # Ray Train checkpoints (ray_results/<task>-<date>) kept for the newest this many run dates per task;
     # older ones are deleted once their run's model is published (an unfinished run keeps its own).
@@ -253,11 +257,37 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def _field_paths(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every field's dotted path in a config model, sections included."""
+    paths = []
+    for name, field in model.model_fields.items():
+        path = (*prefix, name)
+        paths.append(path)
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            paths += _field_paths(field.annotation, path)
+    return paths
+
+
+def _did_you_mean(loc: tuple[str, ...]) -> str:
+    """For an unknown key: the field of that name under the same top-level section, or anywhere
+    (``image.height`` -> ``image.image.height``), else a close spelling beside it (``epoch`` -> ``epochs``)."""
+    paths = _field_paths(JobConfig)
+    found = [p for p in paths if p[-1] == loc[-1]]
+    candidates = [p for p in found if p[0] == loc[0]] or found
+    if not candidates:
+        siblings = {p[-1]: p for p in paths if p[:-1] == loc[:-1]}
+        candidates = [siblings[n] for n in difflib.get_close_matches(loc[-1], siblings, n=1, cutoff=0.75)]
+    if not candidates or len(candidates) > 2:
+        return ""
+    return f"; did you mean {' or '.join('.'.join(p) for p in candidates)}?"
+
+
 def _format_validation_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or "<root>"
+    hint = _did_you_mean(tuple(str(p) for p in first["loc"])) if first["type"] == "extra_forbidden" else ""
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"{source}: {where}: {first['msg']}{more}"
+    return f"{source}: {where}: {first['msg']}{hint}{more}"
 
 
 def build_config(data: dict[str, Any], source: str = "config") -> JobConfig:

@@ -16,7 +16,7 @@ from dlbatch.predict import predict_dataset
 from dlbatch.profile import finish
 from dlbatch.progress import heartbeat
 from dlbatch.quality import describe as describe_quality
-from dlbatch.quality import quality_floor
+from dlbatch.quality import quality_floor, scores
 
 log = logging.getLogger("dlbatch")
 
@@ -29,10 +29,18 @@ def _predict_test(ctx: RunContext, test: SplitInfo, model_uri: str):
     return preds, table, table["reject_reason"].isna()
 
 
-def accuracy_on_test(ctx: RunContext, test: SplitInfo, model_uri: str) -> float:
-    """Accuracy of any model (e.g. the champion) on this run's test split; no outputs written."""
+def _confusion(table, ok, k: int) -> np.ndarray:
+    y_true = table.loc[ok, "label_index"].to_numpy(np.int64)
+    y_pred = table.loc[ok, "pred_index"].to_numpy(np.int64)
+    confusion = np.zeros((k, k), dtype=np.int64)
+    np.add.at(confusion, (y_true, y_pred), 1)
+    return confusion
+
+
+def scores_on_test(ctx: RunContext, test: SplitInfo, model_uri: str, learned: Learned) -> dict[str, float]:
+    """Test metrics of any model (e.g. the champion) on this run's test split; no outputs written."""
     _, table, ok = _predict_test(ctx, test, model_uri)
-    return float((table.loc[ok, "label_index"] == table.loc[ok, "pred_index"]).mean())
+    return scores(_confusion(table, ok, len(learned.label_names)))
 
 
 def evaluate_model(
@@ -48,18 +56,17 @@ def evaluate_model(
     id_column = ctx.config.data.id_column
     sums = route_rejects(ctx, preds, "test", Routing("label_index", learned.label_names, id_in=id_column))
     accept(ctx, "test", counts)
-    y_true = table.loc[ok, "label_index"].to_numpy(np.int64)
-    y_pred = table.loc[ok, "pred_index"].to_numpy(np.int64)
-    k = len(learned.label_names)
-    confusion = np.zeros((k, k), dtype=np.int64)
-    np.add.at(confusion, (y_true, y_pred), 1)
-    accuracy = float((y_true == y_pred).mean()) if len(y_true) else float("nan")
-    quality = quality_floor(confusion.tolist(), learned.label_names, accuracy, ctx.job.quality_margin)
+    confusion = _confusion(table, ok, len(learned.label_names))
+    got = scores(confusion)
+    quality = quality_floor(
+        confusion.tolist(), learned.label_names, ctx.job.quality_margin, ctx.job.gate_metric
+    )
     check = SplitCheck(counts, finish(sums, ctx.task))
-    evaluation = Evaluation(accuracy, int(len(y_true)), confusion.tolist(), learned.label_names, quality, check,
+    evaluation = Evaluation(got, int(confusion.sum()), confusion.tolist(), learned.label_names, quality, check,
                             time.perf_counter() - t0)  # fmt: skip
-    log.info("%s: test accuracy %.2f%% on %s in %.1fs", ctx.task, 100 * accuracy, rows_line({"test": check}),
-             evaluation.seconds)  # fmt: skip
+    log.info("%s: test accuracy %.2f%% (macro-F1 %.2f%%, balanced accuracy %.2f%%) on %s in %.1fs", ctx.task,
+             100 * got["accuracy"], 100 * got["macro_f1"], 100 * got["balanced_accuracy"],
+             rows_line({"test": check}), evaluation.seconds)  # fmt: skip
     if not quality["passed"]:
         log.warning("%s: %s", ctx.task, describe_quality(quality))
     return evaluation

@@ -19,7 +19,7 @@ from dlbatch.config import JobConfig
 from dlbatch.context import Mode, RunContext
 from dlbatch.data import SplitInfo
 from dlbatch.errors import QualityError
-from dlbatch.evaluate import accuracy_on_test, evaluate_model
+from dlbatch.evaluate import evaluate_model, scores_on_test
 from dlbatch.fit import fit_model, prune_checkpoints
 from dlbatch.ingest import check_data, learn
 from dlbatch.night import Learned, Night, build_summary
@@ -77,6 +77,9 @@ def _run_training(cfg: JobConfig, mode: Mode) -> list[dict[str, Any]]:
 def _train_night(ctx: RunContext, splits: dict[str, SplitInfo], learned: Learned) -> dict[str, Any]:
     started = time.perf_counter()
     fit = fit_model(ctx, splits, learned)
+    warnings = gate.data_warnings(ctx.config, fit.splits["train"].profile if "train" in fit.splits else None)
+    for line in warnings:
+        log.warning("%s", line)
     pruned = prune_checkpoints(ctx)
     evaluation = evaluate_model(ctx, splits, learned, fit.model_uri)
     blocks = gate.Blocks(floor=gate.floor_failure(evaluation.quality))
@@ -90,14 +93,16 @@ def _train_night(ctx: RunContext, splits: dict[str, SplitInfo], learned: Learned
         blocks = replace(blocks, drift=gate.drift_block(drift))
         candidate = store_candidate(ctx)
         # The champion is re-measured on tonight's test data (its own number was on other data).
-        rival = None
+        metric, rival = ctx.job.gate_metric, None
         if candidate.rival is not None:
-            measured = None if blocks.reason else accuracy_on_test(ctx, splits["test"], candidate.rival_uri)
+            measured = None
+            if not blocks.reason:
+                measured = scores_on_test(ctx, splits["test"], candidate.rival_uri, learned)[metric]
             rival = (candidate.rival["version"], measured)
         decision = gate.decide_promotion(
-            (candidate.version, evaluation.accuracy), rival, ctx.job.promotion_tolerance, blocks.reason
+            (candidate.version, evaluation.scores[metric]), rival, ctx.job, blocks.reason
         )
-        promotion = apply_promotion(ctx, candidate, decision)
+        promotion = apply_promotion(ctx, candidate, decision, evaluation.accuracy)
         if promotion.champion is not None:
             staged = stage_predictions(ctx, splits["score"], promotion.champion)
             score_drift = None
@@ -115,6 +120,7 @@ def _train_night(ctx: RunContext, splits: dict[str, SplitInfo], learned: Learned
         task=ctx.task, run_id=ctx.run_id, config=ctx.config.model_dump(mode="json"),
         seconds=time.perf_counter() - started, fit=fit, evaluation=evaluation, learned=learned, drift=drift,
         pruned_checkpoint_runs=pruned, promotion=promotion, scoring=scoring, verdict=verdict,
+        data_warnings=warnings,
     )  # fmt: skip
     summary = build_summary(night, ctx.paths.uri("summary.json"), ctx.paths.uri("report.html"))
     page = write_summary(ctx, summary)

@@ -7,9 +7,10 @@ import logging
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from dlbatch.config import DriftConfig
+from dlbatch.config import DriftConfig, JobConfig
 from dlbatch.profile import compare
 from dlbatch.profile import describe as describe_drift
+from dlbatch.quality import NAMES
 from dlbatch.quality import describe as describe_quality
 
 log = logging.getLogger("dlbatch")
@@ -23,6 +24,7 @@ class Decision:
     candidate_accuracy: float
     previous_version: str | None = None
     previous_accuracy_same_test: float | None = None
+    metric: str = "accuracy"  # gate_metric: what candidate_accuracy and previous_accuracy_same_test measure
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -99,31 +101,28 @@ def drift_block(drift: Drift | None) -> str | None:
 
 
 def decide_promotion(
-    candidate: tuple[str, float],
-    rival: tuple[str, float | None] | None,
-    tolerance: float,
-    blocked: str | None,
+    candidate: tuple[str, float], rival: tuple[str, float | None] | None, job: JobConfig, blocked: str | None
 ) -> Decision:
-    """Promotion of ``candidate`` (version, test accuracy) against ``rival`` (the champion's version and
-    its accuracy re-measured on tonight's test data). ``blocked``: why the candidate may not be promoted
-    at all (the floor, or drift); the rival is then not measured."""
-    version, candidate_acc = candidate
-    rival_version, rival_acc = rival if rival else (None, None)
+    """Promotion of ``candidate`` (version, its ``gate_metric`` on the test split) against ``rival`` (the
+    champion's version and its value re-measured on tonight's test data), within ``promotion_tolerance``.
+    ``blocked``: why the candidate may not be promoted at all (the floor, or drift); the rival is then not
+    measured."""
+    version, value = candidate
+    rival_version, rival_value = rival if rival else (None, None)
+    metric, tolerance = job.gate_metric, job.promotion_tolerance
     if blocked:
-        return Decision(False, rival_version, blocked, candidate_acc, rival_version, rival_acc)
+        return Decision(False, rival_version, blocked, value, rival_version, rival_value, metric)
     if rival is None:
-        return Decision(True, version, "no champion yet", candidate_acc)
-    if candidate_acc >= rival_acc - tolerance:
-        reason = (
-            f"test accuracy {candidate_acc:.2%} >= champion {rival_version}'s {rival_acc:.2%} "
-            f"- tolerance {tolerance:.2%}"
-        )
-        return Decision(True, version, reason, candidate_acc, rival_version, rival_acc)
+        return Decision(True, version, "no champion yet", value, metric=metric)
+    name = NAMES[metric]
+    if value >= rival_value - tolerance:
+        reason = f"test {name} {value:.2%} >= champion {rival_version}'s {rival_value:.2%} - tolerance {tolerance:.2%}"
+        return Decision(True, version, reason, value, rival_version, rival_value, metric)
     reason = (
-        f"kept champion {rival_version}: test accuracy {candidate_acc:.2%} < its {rival_acc:.2%} "
+        f"kept champion {rival_version}: test {name} {value:.2%} < its {rival_value:.2%} "
         f"- tolerance {tolerance:.2%} on the same test data"
     )
-    return Decision(False, rival_version, reason, candidate_acc, rival_version, rival_acc)
+    return Decision(False, rival_version, reason, value, rival_version, rival_value, metric)
 
 
 def nightly_verdict(blocks: Blocks, drift: Drift | None, decision: Decision, withheld: str | None) -> Verdict:
@@ -161,6 +160,60 @@ def train_verdict(floor: str | None, drift: Drift | None, accuracy: float) -> Ve
     return Verdict(
         "trained", f"test accuracy {accuracy:.2%}; not promoted by this job (jobs/nightly.py promotes)"
     )
+
+
+# PIL modes without colour; every other decoded mode (RGB, RGBA, CMYK, P, ...) carries it.
+GREY_MODES = {"1", "L", "LA", "I", "I;16", "F", "pixels"}
+
+
+def _median_size(sizes: dict[str, int]) -> tuple[int, int]:
+    """The median decoded height and width of ``{"HxW": rows}``."""
+    heights, widths, weights = [], [], []
+    for size, rows in sizes.items():
+        h, _, w = size.partition("x")
+        heights.append(int(h)), widths.append(int(w)), weights.append(rows)
+
+    def median(values: list[int]) -> int:
+        ordered = sorted(zip(values, weights, strict=True))
+        half, seen = sum(weights) / 2, 0
+        for value, rows in ordered:
+            seen += rows
+            if seen >= half:
+                return value
+        return ordered[-1][0]
+
+    return median(heights), median(widths)
+
+
+def data_warnings(task_cfg, profile: dict[str, Any] | None) -> list[str]:
+    """What the configured input size does to the training data, from its profile: images resized by
+    more than 2x or losing their colour, or more than half of the texts cut at ``max_length``."""
+    if not profile or not profile.get("rows"):
+        return []
+    found = []
+    if hasattr(task_cfg, "image"):
+        img = task_cfg.image
+        sizes = {s: n for s, n in (profile.get("sizes") or {}).items() if "x" in s}
+        if sizes:
+            h, w = _median_size(sizes)
+            factor = max(h / img.height, img.height / h, w / img.width, img.width / w)
+            if factor > 2:
+                found.append(
+                    f"image: training images are {h}x{w} (median) and are resized {factor:.1f}x to "
+                    f"{img.height}x{img.width}; set image.image.height and image.image.width to keep their detail"
+                )
+        colour = sum(n for mode, n in (profile.get("modes") or {}).items() if mode not in GREY_MODES)
+        if img.channels == 1 and colour > profile["rows"] / 2:
+            found.append(
+                f"image: {colour / profile['rows']:.0%} of training images are in colour and are converted to "
+                "grey (image.image.channels=1); set image.image.channels=3 to keep their colour"
+            )
+    elif (profile.get("cut") or 0) > 0.5:
+        found.append(
+            f"text: {profile['cut']:.0%} of training texts are longer than {task_cfg.text.max_length} tokens "
+            f"and are cut there; raise text.text.max_length to keep more of them"
+        )
+    return found
 
 
 def job_failure(summaries: list[dict[str, Any]]) -> str | None:

@@ -81,13 +81,17 @@ class Fit:
 
 @dataclass(frozen=True)
 class Evaluation:
-    accuracy: float
+    scores: dict[str, float]  # accuracy, macro_f1, balanced_accuracy (dlbatch/quality.py)
     rows: int
     confusion: list[list[int]]
     label_names: list[str]
     quality: dict[str, Any]  # dlbatch/quality.py: baselines, floor, passed
     test: SplitCheck
     seconds: float
+
+    @property
+    def accuracy(self) -> float:
+        return self.scores["accuracy"]
 
 
 @dataclass(frozen=True)
@@ -136,6 +140,7 @@ class Night:
     scoring: Scoring | None = None
     verdict: Verdict | None = None
     model_uri: str | None = None  # jobs/predict.py: the model that scored
+    data_warnings: list[str] | None = None  # what the input size settings do to the training data
 
 
 @functools.cache
@@ -170,8 +175,9 @@ def _metrics(night: Night) -> dict[str, Any]:
         metrics["deleted_checkpoint_runs"] = night.pruned_checkpoint_runs
     if night.evaluation is not None:
         ev = night.evaluation
-        metrics.update(test_accuracy=ev.accuracy, test_rows=ev.rows, confusion=ev.confusion,
-                       label_names=ev.label_names, quality=ev.quality)  # fmt: skip
+        metrics.update(test_accuracy=ev.accuracy, test_macro_f1=ev.scores["macro_f1"],
+                       test_balanced_accuracy=ev.scores["balanced_accuracy"], test_rows=ev.rows,
+                       confusion=ev.confusion, label_names=ev.label_names, quality=ev.quality)  # fmt: skip
     if night.learned is not None:
         metrics["label_variants"] = night.learned.label_variants
     if night.promotion is not None:
@@ -238,6 +244,7 @@ def build_summary(night: Night, summary_uri: str | None = None, report_uri: str 
         "rows": {s: asdict(c.counts) for s, c in splits.items() if c.counts is not None},
         "profile": {s: c.profile for s, c in splits.items() if c.profile is not None},
         "drift": asdict(night.drift) if night.drift else None,
+        "data_warnings": night.data_warnings if night.data_warnings is not None else [],
         "paths": _paths(night, summary_uri, report_uri),
         "durations_s": _durations(night),
     })  # fmt: skip

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image, UnidentifiedImageError
 
-from dlbatch.tokenizer import UNK, encode
+from dlbatch.tokenizer import UNK, encode_counted
 
 try:  # libspng: PNG decoding without Pillow's per-image Python overhead (see _decode_png_fast)
     import pyspng
@@ -163,7 +163,7 @@ def preprocess_batch(batch: pa.Table, spec: dict[str, Any], with_labels: bool = 
             out["prof_sq"] = np.square(flat, dtype=np.uint16).mean(1, dtype=np.float64)
     else:
         texts = batch.column(spec["feature_column"]).combine_chunks()
-        tokens, lengths = encode(texts, spec["tokenizer"], spec["max_length"])
+        tokens, lengths, cut = encode_counted(texts, spec["tokenizer"], spec["max_length"])
         # Empty: no letter or digit in any script (whitespace, punctuation, emoji or control characters only).
         has_content = pc.fill_null(pc.match_substring_regex(texts, r"[\p{L}\p{N}]"), False)
         valid, empty = np.asarray(texts.is_valid()), ~np.asarray(has_content) | (lengths == 0)
@@ -172,6 +172,7 @@ def preprocess_batch(batch: pa.Table, spec: dict[str, Any], with_labels: bool = 
         out["tokens"], out["length"] = tokens, np.maximum(lengths, 1)
         if spec.get("profile", True):
             out["prof_length"], out["prof_unknown"] = lengths, (tokens == UNK).sum(1)
+            out["prof_cut"] = cut
     label_col = spec["label_column"]
     has_labels = with_labels and label_col in batch.column_names
     out["y"] = _labels(batch.column(label_col).combine_chunks() if has_labels else None, spec, reasons)

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 
 PROFILE_COLUMNS = {
     "image": ["prof_size", "prof_mode", "prof_mean", "prof_sq"],
-    "text": ["prof_length", "prof_unknown"],
+    "text": ["prof_length", "prof_unknown", "prof_cut"],
 }
 # Token-count bins of the text length distribution: upper bounds; a text longer than max_length counts
 # with its first max_length tokens.
@@ -60,6 +60,7 @@ def partial(batch: pa.Table, kind: str, label_column: str, label_names: list[str
         out["lengths"] = {LENGTH_LABELS[i]: int(n) for i, n in enumerate(hist) if n}
         out["tokens"] = int(lengths.sum())
         out["unknown_tokens"] = int(pc.sum(used.column("prof_unknown")).as_py() or 0)
+        out["cut"] = int(pc.sum(used.column("prof_cut").cast(pa.int64())).as_py() or 0)
     return out
 
 
@@ -97,6 +98,7 @@ def finish(sums: dict[str, Any], kind: str, labels_from: str = "labels") -> dict
         profile["lengths"] = {label: lengths[label] for label in LENGTH_LABELS if label in lengths}
         profile["mean_length"] = tokens / rows if rows else None
         profile["unknown"] = sums.get("unknown_tokens", 0) / tokens if tokens else None
+        profile["cut"] = sums.get("cut", 0) / rows if rows else None  # share cut at max_length
     return profile
 
 

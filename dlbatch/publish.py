@@ -102,11 +102,12 @@ def store_candidate(ctx: RunContext) -> Candidate:
     return Candidate(version, rival, rival_uri, was_champion, stored, replaced)
 
 
-def apply_promotion(ctx: RunContext, candidate: Candidate, decision: Decision) -> Promotion:
-    """Move the champion pointer as the gate decided; keep ``keep_versions`` versions."""
+def apply_promotion(ctx: RunContext, candidate: Candidate, decision: Decision, accuracy: float) -> Promotion:
+    """Move the champion pointer as the gate decided (champion.json records the model's test
+    ``accuracy``); keep ``keep_versions`` versions."""
     store = ModelStore(ctx.paths)
     if decision.promoted and (candidate.stored or not candidate.was_champion):
-        store.set_champion(candidate.version, decision.candidate_accuracy, ctx.run_id)
+        store.set_champion(candidate.version, accuracy, ctx.run_id)
     elif not decision.promoted and candidate.was_champion:
         # A forced rerun replaced the champion's own night with a worse model: back to the one before it.
         if candidate.rival is None:

@@ -177,12 +177,19 @@ def render_report(summary: dict[str, Any], previous: dict[str, Any] | None = Non
     line = f"test accuracy <b id='test-accuracy'>{acc:.2%}</b>" if acc is not None else "no evaluation"
     if prev_acc is not None and acc is not None:
         line += f" (previous night {html.escape(previous['run_id'])}: {prev_acc:.2%}, change {100 * (acc - prev_acc):+.2f} points)"
+    if metrics.get("test_macro_f1") is not None:
+        line += (
+            f"; macro-F1 <b id='macro-f1'>{metrics['test_macro_f1']:.2%}</b>, balanced accuracy "
+            f"<b id='balanced-accuracy'>{metrics['test_balanced_accuracy']:.2%}</b>"
+        )
     quality = metrics.get("quality")
     if quality:
         line += (
             f"; baselines on the same rows: majority class {quality['majority_accuracy']:.2%}, chance "
             f"{quality['chance_accuracy']:.2%}, quality floor {quality['floor']:.2%}"
         )
+        if quality.get("metric", "accuracy") != "accuracy":
+            line += f" (on {html.escape(quality['metric'])}: majority class {quality['baseline']:.2%})"
     parts.append(f"<p>{line}</p>")
     promotion = metrics.get("promotion")
     if promotion:

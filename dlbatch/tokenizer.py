@@ -156,6 +156,12 @@ def encode(texts: pa.Array, tokenizer_json: str, max_length: int) -> tuple[np.nd
     """(tokens (B, T) int64, lengths (B,) int64), truncated and padded to ``max_length``: the same ids as
     the tokenizer's own ``encode`` gives each text. Nulls encode as empty (length 0): the caller rejects
     them."""
+    tokens, lengths, _ = encode_counted(texts, tokenizer_json, max_length)
+    return tokens, lengths
+
+
+def encode_counted(texts: pa.Array, tokenizer_json: str, max_length: int) -> tuple[np.ndarray, ...]:
+    """``encode``, and whether each text was cut: it had more than ``max_length`` tokens."""
     if isinstance(texts, pa.ChunkedArray):
         texts = texts.combine_chunks()
     clipped = pc.utf8_slice_codeunits(pc.fill_null(texts, ""), 0, max_length * CHARS_PER_TOKEN)
@@ -172,4 +178,4 @@ def encode(texts: pa.Array, tokenizer_json: str, max_length: int) -> tuple[np.nd
     keep = pos < max_length
     tokens = np.full((len(texts), max_length), PAD, dtype=np.int64)
     tokens[row_of[keep], pos[keep]] = ids[start[which[chunk_of[keep]]] + _within(n_ids, chunk_of)[keep]]
-    return tokens, np.minimum(lengths, max_length)
+    return tokens, np.minimum(lengths, max_length), lengths > max_length

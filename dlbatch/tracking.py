@@ -88,9 +88,10 @@ def _log(client, cfg: JobConfig, summary, paths: RunPaths, report_html: str) -> 
         for key in ("train_loss", "val_loss", "val_accuracy", "samples_per_s"):
             if epoch.get(key) is not None:
                 metrics.append(Metric(key, float(epoch[key]), 0, int(epoch["epoch"])))
-    for key in ("test_accuracy",):
-        if summary.get(key) is not None:
-            metrics.append(Metric(key, float(summary[key]), 0, 0))
+    tested = {**summary.get("metrics", {}), "test_accuracy": summary.get("test_accuracy")}
+    for key in ("test_accuracy", "test_macro_f1", "test_balanced_accuracy"):
+        if tested.get(key) is not None:
+            metrics.append(Metric(key, float(tested[key]), 0, 0))
     quality = summary.get("metrics", {}).get("quality")
     if quality:
         metrics += [

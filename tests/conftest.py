@@ -69,6 +69,9 @@ def ray_cluster(s3_service):
             logging_level="WARNING",
             runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}},
         )
+    # A private local cluster has no spot nodes to drain: no preemption watcher per fit, as dlbatch's own
+    # local cluster does (dlbatch/cluster.py); the jobs that join this cluster inherit the setting.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     yield ray
     ray.shutdown()
 

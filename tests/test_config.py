@@ -99,3 +99,21 @@ def test_shuffle_and_materialize_take_their_choices_and_auto_materializes_what_f
         True,
         f"train.materialize=true (~{10 * store / 2**20:,.0f} MiB preprocessed)",
     )
+
+
+@pytest.mark.parametrize(
+    ("override", "hint"),
+    [
+        ("image.height=64", "; did you mean image.image.height?"),
+        ("text.max_length=128", "; did you mean text.text.max_length?"),
+        ("image.lr=0.001", "; did you mean image.train.lr?"),
+        ("image.train.epoch=5", "; did you mean image.train.epochs?"),
+        ("epochs=5", "; did you mean image.train.epochs or text.train.epochs?"),
+        ("no_such_key=1", ""),
+    ],
+)
+def test_an_unknown_key_suggests_the_field_meant(override, hint):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    key = override.split("=")[0]
+    assert str(err.value) == f"defaults + overrides: {key}: Extra inputs are not permitted{hint}"

@@ -9,7 +9,7 @@ import logging
 import pytest
 
 from dlbatch import gate
-from dlbatch.config import DriftConfig, load_config
+from dlbatch.config import DriftConfig, JobConfig, load_config
 from dlbatch.context import RunContext
 from dlbatch.publish import apply_promotion, store_candidate
 from dlbatch.quality import quality_floor
@@ -25,14 +25,18 @@ WARN, BLOCK = DriftConfig(action="warn"), DriftConfig(action="block")
 RIVAL = ("2026-11-23", 0.88)
 
 
+def _job(tolerance: float, metric: str = "accuracy") -> JobConfig:
+    return JobConfig(promotion_tolerance=tolerance, gate_metric=metric)
+
+
 def _profile(a: int, b: int) -> dict:
     return {"rows": a + b, "labels": {"a": a, "b": b}}
 
 
 def test_the_floor_passes_a_model_above_it_and_names_the_baselines_below_it():
-    good = quality_floor([[40, 10], [10, 40]], ["a", "b"], accuracy=0.8, margin=0.2)
+    good = quality_floor([[40, 10], [10, 40]], ["a", "b"], margin=0.2)
     assert gate.floor_failure(good) is None
-    bad = quality_floor([[50, 0], [50, 0]], ["a", "b"], accuracy=0.5, margin=0.2)
+    bad = quality_floor([[50, 0], [50, 0]], ["a", "b"], margin=0.2)
     assert gate.floor_failure(bad).startswith("test accuracy 50.00% is below the quality floor 60.00%")
 
 
@@ -68,29 +72,44 @@ def test_a_later_drift_check_adds_its_splits():
 
 
 def test_the_promotion_gate():
-    first = gate.decide_promotion(("2026-11-23", 0.5), None, 0.05, None)
+    first = gate.decide_promotion(("2026-11-23", 0.5), None, _job(0.05), None)
     assert first.promoted and first.champion_version == "2026-11-23" and first.reason == "no champion yet"
-    close = gate.decide_promotion(("2026-11-24", 0.84), RIVAL, 0.05, None)
+    close = gate.decide_promotion(("2026-11-24", 0.84), RIVAL, _job(0.05), None)
     assert close.promoted and close.champion_version == "2026-11-24"
     assert close.reason == "test accuracy 84.00% >= champion 2026-11-23's 88.00% - tolerance 5.00%"
-    kept = gate.decide_promotion(("2026-11-24", 0.80), RIVAL, 0.05, None)
+    kept = gate.decide_promotion(("2026-11-24", 0.80), RIVAL, _job(0.05), None)
     assert not kept.promoted and kept.champion_version == "2026-11-23"
     assert kept.reason == (
         "kept champion 2026-11-23: test accuracy 80.00% < its 88.00% - tolerance 5.00% on the same test data"
     )
-    blocked = gate.decide_promotion(("2026-11-24", 0.99), ("2026-11-23", None), 0.05, "below the floor")
+    blocked = gate.decide_promotion(("2026-11-24", 0.99), ("2026-11-23", None), _job(0.05), "below the floor")
     assert (
         not blocked.promoted
         and blocked.champion_version == "2026-11-23"
         and blocked.reason == "below the floor"
     )
-    alone = gate.decide_promotion(("2026-11-23", 0.99), None, 0.05, "below the floor")
+    alone = gate.decide_promotion(("2026-11-23", 0.99), None, _job(0.05), "below the floor")
     assert not alone.promoted and alone.champion_version is None
 
 
+def test_the_gate_compares_the_configured_metric():
+    kept = gate.decide_promotion(("2026-11-24", 0.70), ("2026-11-23", 0.80), _job(0.05, "macro_f1"), None)
+    assert not kept.promoted and kept.metric == "macro_f1"
+    assert kept.reason == (
+        "kept champion 2026-11-23: test macro-F1 70.00% < its 80.00% - tolerance 5.00% on the same test data"
+    )
+    close = gate.decide_promotion(
+        ("2026-11-24", 0.76), ("2026-11-23", 0.80), _job(0.05, "balanced_accuracy"), None
+    )
+    assert close.promoted and close.reason.startswith(
+        "test balanced accuracy 76.00% >= champion 2026-11-23's"
+    )
+    assert gate.decide_promotion(("2026-11-24", 0.9), None, _job(0.05), None).metric == "accuracy"
+
+
 def test_nightly_verdicts():
-    promoted = gate.decide_promotion(("2026-11-24", 0.9), RIVAL, 0.05, None)
-    kept = gate.decide_promotion(("2026-11-24", 0.5), RIVAL, 0.05, None)
+    promoted = gate.decide_promotion(("2026-11-24", 0.9), RIVAL, _job(0.05), None)
+    kept = gate.decide_promotion(("2026-11-24", 0.5), RIVAL, _job(0.05), None)
     no_drift = gate.check_drift({"train": _profile(50, 50)}, REFERENCES, "text", WARN)
     assert gate.nightly_verdict(gate.Blocks(), no_drift, promoted, None) == gate.Verdict(
         "promoted", f"promoted: {promoted.reason}"
@@ -98,11 +117,11 @@ def test_nightly_verdicts():
     assert gate.nightly_verdict(gate.Blocks(), None, kept, None) == gate.Verdict("kept_champion", kept.reason)
 
     floor = "test accuracy 20.00% is below the quality floor 60.00%"
-    below = gate.decide_promotion(("2026-11-24", 0.2), ("2026-11-23", None), 0.05, floor)
+    below = gate.decide_promotion(("2026-11-24", 0.2), ("2026-11-23", None), _job(0.05), floor)
     verdict = gate.nightly_verdict(gate.Blocks(floor=floor), None, below, None)
     assert verdict.status == "below_floor"
     assert verdict.reason == f"{floor}; not promoted, scored with champion 2026-11-23"
-    first = gate.decide_promotion(("2026-11-23", 0.2), None, 0.05, floor)
+    first = gate.decide_promotion(("2026-11-23", 0.2), None, _job(0.05), floor)
     assert gate.nightly_verdict(gate.Blocks(floor=floor), None, first, None).reason.endswith(
         "not promoted, no predictions published (no champion yet)"
     )
@@ -118,7 +137,7 @@ def test_nightly_verdicts():
 
     blocked = gate.check_drift({"train": _profile(90, 10)}, REFERENCES, "text", BLOCK)
     why = gate.drift_block(blocked)
-    refused = gate.decide_promotion(("2026-11-24", 0.9), ("2026-11-23", None), 0.05, why)
+    refused = gate.decide_promotion(("2026-11-24", 0.9), ("2026-11-23", None), _job(0.05), why)
     verdict = gate.nightly_verdict(gate.Blocks(drift=why), blocked, refused, None)
     assert verdict.status == "drifted"
     assert verdict.reason.endswith("; not promoted, scored with champion 2026-11-23 (drift.action=block)")
@@ -183,8 +202,8 @@ def test_a_forced_night_below_the_floor_gives_the_title_back(tmp_path, earlier):
     assert candidate.was_champion and candidate.replaced
     assert candidate.rival == ({"version": "2026-11-22", "test_accuracy": 0.8} if earlier else None)
     rival = (candidate.rival["version"], None) if earlier else None
-    decision = gate.decide_promotion((candidate.version, 0.1), rival, 0.01, "below the floor")
-    promotion = apply_promotion(ctx, candidate, decision)
+    decision = gate.decide_promotion((candidate.version, 0.1), rival, _job(0.01), "below the floor")
+    promotion = apply_promotion(ctx, candidate, decision, 0.1)
     assert promotion.replaced_version and not promotion.decision.promoted
     assert (tmp_path / "models/text/versions/2026-11-25/model.pt").read_bytes() == b"tonight's weights"
     if earlier:
@@ -196,3 +215,28 @@ def test_a_forced_night_below_the_floor_gives_the_title_back(tmp_path, earlier):
         assert not (tmp_path / "models/text/champion.json").exists()
     history = json.loads((tmp_path / "models/text/champion.json").read_text())["history"] if earlier else []
     assert [h["version"] for h in history] == (["2026-11-22", "2026-11-25", "2026-11-22"] if earlier else [])
+
+
+def test_data_warnings_say_what_the_input_size_does_to_the_training_data():
+    image = load_config(None, []).image  # 28x28 grey by default
+    photos = {"rows": 10, "sizes": {"375x500": 6, "333x500": 3, "28x28": 1}, "modes": {"RGB": 9, "L": 1}}
+    assert gate.data_warnings(image, photos) == [
+        "image: training images are 375x500 (median) and are resized 17.9x to 28x28; set image.image.height "
+        "and image.image.width to keep their detail",
+        "image: 90% of training images are in colour and are converted to grey (image.image.channels=1); "
+        "set image.image.channels=3 to keep their colour",
+    ]
+    colour64 = load_config(
+        None, ["image.image.height=64", "image.image.width=64", "image.image.channels=3"]
+    ).image
+    assert gate.data_warnings(colour64, {"rows": 4, "sizes": {"100x120": 4}, "modes": {"RGB": 4}}) == []
+    digits = {"rows": 4, "sizes": {"28x28": 3, "56x56": 1}, "modes": {"L": 4}}  # 2x or less: no word
+    assert gate.data_warnings(image, digits) == []
+
+    text = load_config(None, []).text
+    assert gate.data_warnings(text, {"rows": 10, "cut": 0.7}) == [
+        "text: 70% of training texts are longer than 64 tokens and are cut there; raise text.text.max_length "
+        "to keep more of them"
+    ]
+    assert gate.data_warnings(text, {"rows": 10, "cut": 0.5}) == []
+    assert gate.data_warnings(text, None) == []  # profiling off: nothing measured, nothing said

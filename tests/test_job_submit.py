@@ -65,7 +65,10 @@ def test_ray_job_submit_runs_the_nightly_job(ray_head, tmp_path):
     out = tmp_path / "out"
     cmd = [
         ray_bin, "job", "submit", f"--address={address}", "--submission-id=dlbatch-test-2026-11-25",
-        f"--working-dir={REPO}", "--", "python", "jobs/nightly.py", "--run-date=2026-11-25",
+        # The job's runtime env sets Ray Data's log level itself, as a user may: the job keeps it (Ray refuses
+        # a variable named in both the job's and the driver's runtime env, dlbatch/cluster.py).
+        f"--working-dir={REPO}", '--runtime-env-json={"env_vars": {"RAY_DATA_LOG_LEVEL": "WARNING"}}',
+        "--", "python", "jobs/nightly.py", "--run-date=2026-11-25",
         "tasks=[text]", "demo_rows=1000", "text.train.epochs=1", "text.train.num_workers=1",
         "text.train.batch_size=16", f"output_root={out}",
     ]  # fmt: skip
@@ -77,6 +80,8 @@ def test_ray_job_submit_runs_the_nightly_job(ray_head, tmp_path):
     assert log.count("[text] epoch 1/1: train_loss") == 1, log[-3000:]
     assert "Reporting training result" not in log  # Ray Train's per-report line with every metric, per rank
     assert "succeeded" in log
+    assert "the job's runtime env sets PYTHONWARNINGS or RAY_DATA_LOG_LEVEL itself; kept" in log
+    assert "Starting execution of Dataset" not in log  # the job's level reached its Ray Data actors
     pred_dir = out / "runs" / "2026-11-25" / "text" / "predictions"
     assert (pred_dir / "_SUCCESS").exists()
     assert pads.dataset(pred_dir, format="parquet").count_rows() == 333

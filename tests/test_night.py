@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 from dlbatch import gate
-from dlbatch.config import DriftConfig
+from dlbatch.config import DriftConfig, JobConfig
 from dlbatch.night import (
     Counts,
     Evaluation,
@@ -22,16 +22,20 @@ from dlbatch.night import (
 )
 
 TOP = {"verdict", "task", "run_id", "versions", "config", "test_accuracy", "metrics", "history", "rows",
-       "profile", "drift", "paths", "durations_s"}  # fmt: skip
+       "profile", "drift", "data_warnings", "paths", "durations_s"}  # fmt: skip
 METRICS = {"training_data", "best_val_accuracy", "final_epoch", "deleted_checkpoint_runs", "test_accuracy",
-           "test_rows", "confusion", "label_names", "quality", "label_variants", "promotion", "score_parts",
+           "test_macro_f1", "test_balanced_accuracy", "test_rows", "confusion", "label_names", "quality", "label_variants", "promotion", "score_parts",
            "predict", "duplicate_ids"}  # fmt: skip
 PROMOTION = {"promoted", "champion_version", "reason", "candidate_accuracy", "previous_version",
-             "previous_accuracy_same_test", "deleted_versions", "replaced_version"}  # fmt: skip
+             "previous_accuracy_same_test", "metric", "deleted_versions", "replaced_version"}  # fmt: skip
 DRIFT = {"threshold", "action", "references", "reference_profiles", "distances", "drifted", "blocked"}
 PATHS = {"model", "champion", "predictions", "summary", "report"}
 DURATIONS = {"preprocess", "train", "train_first_batch", "evaluate", "predict", "total"}
 SPLITS = {"train", "val", "test", "score"}
+
+
+def _job(tolerance: float) -> JobConfig:
+    return JobConfig(promotion_tolerance=tolerance)
 
 
 def _scored_night() -> Night:
@@ -45,8 +49,11 @@ def _scored_night() -> Night:
         {"preprocess": 1.0, "train": 20.0, "train_first_batch": 3.0}, final_epoch=1,
     )  # fmt: skip
     quality = {"floor": 0.6, "passed": True}
-    evaluation = Evaluation(0.8, 9, [[4, 1], [1, 3]], ["a", "b"], quality, SplitCheck(counts, profile), 2.0)
-    decision = gate.decide_promotion(("2026-11-25", 0.8), ("2026-11-24", 0.78), 0.01, None)
+    scores = {"accuracy": 0.8, "macro_f1": 0.79, "balanced_accuracy": 0.78}
+    evaluation = Evaluation(
+        scores, 9, [[4, 1], [1, 3]], ["a", "b"], quality, SplitCheck(counts, profile), 2.0
+    )
+    decision = gate.decide_promotion(("2026-11-25", 0.8), ("2026-11-24", 0.78), _job(0.01), None)
     champion = ScoringModel("/out/models/text/versions/2026-11-25", "text-2026-11-25")
     scoring = Scoring("/out/runs/2026-11-25/text/predictions", counts, profile, {"parts": 1, "reused": 0},
                       {"compute": "tasks"}, duplicate_ids={"ids": 0, "rows": 0, "examples": []}, seconds=4.0)  # fmt: skip

@@ -188,6 +188,8 @@ def test_nights_quality_floor_promotion_gate_force_mlflow_and_idempotent_trigger
     assert sorted(m.step for m in history) == [0, 1]
     assert {m.step: m.value for m in history}[1] == pytest.approx(night3["history"][1]["val_accuracy"])
     assert mlflow.get_metric_history(last, "test_accuracy")[0].value == pytest.approx(night3["test_accuracy"])
+    for key in ("test_macro_f1", "test_balanced_accuracy"):
+        assert mlflow.get_metric_history(last, key)[0].value == pytest.approx(night3["metrics"][key]), key
     assert {a.path for a in mlflow.list_artifacts(last)} >= {"summary.json", "report.html", "model"}
     assert f"model/{MODEL_FILE}" in {a.path for a in mlflow.list_artifacts(last, "model")}
     versions = sorted(mlflow.search_model_versions("name='dlbatch-text'"), key=lambda v: int(v.version))
@@ -221,7 +223,8 @@ def test_report_renders_in_a_headless_browser(tmp_path):
                 "samples_per_s": 1000 + e, "epoch_s": 2.0} for e in range(3)]  # fmt: skip
     summary = {
         "task": "text", "run_id": "text-2026-11-25", "test_accuracy": 0.8765, "history": history,
-        "metrics": {"confusion": [[40, 10], [5, 45]], "label_names": ["news", "体育"],
+        "metrics": {"confusion": [[40, 10], [5, 45]], "label_names": ["news", "体育"], "test_macro_f1": 0.8496,
+                    "test_balanced_accuracy": 0.85,
                     "promotion": {"promoted": False, "reason": "kept champion 2026-11-23: test accuracy lower",
                                   "champion_version": "2026-11-23"}},
         "rows": {"train": {"read": 100, "used": 98, "rejected": 2}, "score": {"read": 50, "used": 50, "rejected": 0}},
@@ -241,6 +244,7 @@ def test_report_renders_in_a_headless_browser(tmp_path):
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert "87.65%" in dom.stdout and "90.00%" in dom.stdout and "-2.35 points" in dom.stdout
     assert "kept champion 2026-11-23" in dom.stdout
+    assert re.search(r"macro-F1 <b id=\"macro-f1\">84.96%</b>, balanced accuracy <b[^>]*>85.00%<", dom.stdout)
     # The profile beside the previous night's, one distance per feature, the drifted one marked.
     assert "news 60%, 体育 40%" in dom.stdout and "news 50%, 体育 50%" in dom.stdout
     assert ">0.59<" not in dom.stdout and ">0.590 (drifted)<" in dom.stdout and ">0.100<" in dom.stdout

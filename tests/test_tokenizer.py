@@ -90,3 +90,15 @@ def test_the_memo_stays_bounded_and_long_chunks_are_not_kept(tokenizer_json, mon
         assert all(len(chunk) <= tok._Encoder.MAX_CHUNK_CHARS for chunk in memo.entry)
     finally:
         tok._encoder.cache_clear()
+
+
+def test_encoding_says_which_texts_were_cut_at_max_length():
+    table = make_text_table(200, seed=4)
+    tokenizer = tok.train_tokenizer([table["text"].to_pylist()], 500, 1)
+    texts = pa.array(["one", "one two three four five six seven eight nine ten eleven twelve", None])
+    tokens, lengths, cut = tok.encode_counted(texts, tokenizer, 5)
+    from tokenizers import Tokenizer
+
+    full = [len(Tokenizer.from_str(tokenizer).encode(t).ids) if t else 0 for t in texts.to_pylist()]
+    assert cut.tolist() == [n > 5 for n in full] and cut.tolist()[1] and not cut.tolist()[0]
+    assert lengths.tolist() == [min(n, 5) for n in full]
