@@ -9,9 +9,8 @@ import numpy as np
 
 from dlbatch.context import RunContext
 from dlbatch.data import SplitInfo, read_split, split_columns
-from dlbatch.fit import rows_line
 from dlbatch.ingest import Routing, accept, route_rejects
-from dlbatch.night import Counts, Evaluation, Learned, SplitCheck
+from dlbatch.night import Counts, Evaluation, Learned, SplitCheck, rows_line
 from dlbatch.predict import predict_dataset
 from dlbatch.profile import finish
 from dlbatch.progress import heartbeat

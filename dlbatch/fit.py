@@ -18,7 +18,7 @@ from dlbatch.context import RunContext
 from dlbatch.data import SplitInfo, resolve_path
 from dlbatch.errors import TrainingError
 from dlbatch.ingest import checkpoint_meta, training_data
-from dlbatch.night import Fit, Learned, SplitCheck
+from dlbatch.night import Fit, Learned, SplitCheck, rows_line
 from dlbatch.store import (
     SUCCESS,
     is_published,
@@ -31,12 +31,6 @@ from dlbatch.store import (
 from dlbatch.train import WorkerConfig, train_loop_per_worker
 
 log = logging.getLogger("dlbatch")
-
-
-def rows_line(checks: dict[str, SplitCheck]) -> str:
-    """``train 1,500 rows (0 rejected), val 250 rows (0 rejected)``."""
-    counted = [(s, c.counts) for s, c in checks.items() if c.counts is not None]
-    return ", ".join(f"{s} {c.used:,} rows ({c.rejected:,} rejected)" for s, c in counted)
 
 
 def _trained_earlier(ctx: RunContext) -> Fit:

@@ -34,6 +34,12 @@ class SplitCheck:
     profile: dict[str, Any] | None = None
 
 
+def rows_line(checks: dict[str, SplitCheck]) -> str:
+    """``train 1,500 rows (0 rejected), val 250 rows (0 rejected)``."""
+    counted = [(s, c.counts) for s, c in checks.items() if c.counts is not None]
+    return ", ".join(f"{s} {c.used:,} rows ({c.rejected:,} rejected)" for s, c in counted)
+
+
 @dataclass(frozen=True)
 class Learned:
     """What a night learned from its training split, saved with every checkpoint of the model."""

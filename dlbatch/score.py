@@ -15,9 +15,8 @@ import pyarrow.fs as pafs
 
 from dlbatch.context import RunContext
 from dlbatch.data import SplitInfo, count_values, read_split, resolve_path, split_columns, value_counts
-from dlbatch.fit import rows_line
 from dlbatch.ingest import REJECT_COLUMNS, accept
-from dlbatch.night import Counts, Scoring, ScoringModel, SplitCheck
+from dlbatch.night import Counts, Scoring, ScoringModel, SplitCheck, rows_line
 from dlbatch.predict import PRED_COLUMNS, predict_dataset, preprocess_in_tasks, use_actors
 from dlbatch.profile import PROFILE_COLUMNS, finish, merge, partial
 from dlbatch.progress import heartbeat
