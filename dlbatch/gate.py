@@ -7,6 +7,8 @@ import logging
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
+
 from dlbatch.config import DriftConfig, JobConfig
 from dlbatch.profile import compare
 from dlbatch.profile import describe as describe_drift
@@ -168,21 +170,10 @@ GREY_MODES = {"1", "L", "LA", "I", "I;16", "F", "pixels"}
 
 def _median_size(sizes: dict[str, int]) -> tuple[int, int]:
     """The median decoded height and width of ``{"HxW": rows}``."""
-    heights, widths, weights = [], [], []
-    for size, rows in sizes.items():
-        h, _, w = size.partition("x")
-        heights.append(int(h)), widths.append(int(w)), weights.append(rows)
-
-    def median(values: list[int]) -> int:
-        ordered = sorted(zip(values, weights, strict=True))
-        half, seen = sum(weights) / 2, 0
-        for value, rows in ordered:
-            seen += rows
-            if seen >= half:
-                return value
-        return ordered[-1][0]
-
-    return median(heights), median(widths)
+    shapes = np.array([[int(n) for n in size.split("x")] for size in sizes], dtype=np.int64)
+    rows = np.repeat(np.arange(len(shapes)), list(sizes.values()))
+    h, w = np.median(shapes[rows], axis=0)
+    return int(h), int(w)
 
 
 def data_warnings(task_cfg, profile: dict[str, Any] | None) -> list[str]:

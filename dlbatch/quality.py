@@ -22,23 +22,32 @@ METRICS = ("accuracy", "macro_f1", "balanced_accuracy")
 NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "balanced_accuracy": "balanced accuracy"}
 
 
+def per_class_scores(confusion: list[list[int]] | np.ndarray) -> list[dict[str, float]]:
+    """Precision, recall, F1 and support per class from a confusion matrix (rows: true, cols: predicted)."""
+    cm = np.asarray(confusion, dtype=np.float64)
+    tp = np.diag(cm)
+    predicted, actual = cm.sum(0), cm.sum(1)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, actual, out=np.zeros_like(tp), where=actual > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+    return [
+        {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s), "predicted": int(n)}
+        for p, r, f, s, n in zip(precision, recall, f1, actual, predicted, strict=True)
+    ]
+
+
 def scores(confusion: list[list[int]] | np.ndarray) -> dict[str, float]:
     """Accuracy; macro-F1, the mean F1 over the classes that occur in the labels or the predictions;
     balanced accuracy, the mean recall over the classes that occur in the labels (rows: true labels)."""
     cm = np.asarray(confusion, dtype=np.float64)
-    total = cm.sum()
-    if not total:
+    if not cm.sum():
         return dict.fromkeys(METRICS, float("nan"))
-    tp, actual, predicted = np.diag(cm), cm.sum(1), cm.sum(0)
-    recall = np.divide(tp, actual, out=np.zeros_like(tp), where=actual > 0)
-    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
-    denom = precision + recall
-    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
-    seen = (actual > 0) | (predicted > 0)
+    per_class = per_class_scores(cm)
     return {
-        "accuracy": float(tp.sum() / total),
-        "macro_f1": float(f1[seen].mean()),
-        "balanced_accuracy": float(recall[actual > 0].mean()),
+        "accuracy": float(np.trace(cm) / cm.sum()),
+        "macro_f1": float(np.mean([c["f1"] for c in per_class if c["support"] or c["predicted"]])),
+        "balanced_accuracy": float(np.mean([c["recall"] for c in per_class if c["support"]])),
     }
 
 

@@ -16,21 +16,7 @@ from typing import Any
 import numpy as np
 
 from dlbatch.profile import FEATURES
-
-
-def per_class_scores(confusion: list[list[int]]) -> list[dict[str, float]]:
-    """Precision, recall, F1 and support per class from a confusion matrix (rows: true, cols: predicted)."""
-    cm = np.asarray(confusion, dtype=np.float64)
-    tp = np.diag(cm)
-    predicted, actual = cm.sum(0), cm.sum(1)
-    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
-    recall = np.divide(tp, actual, out=np.zeros_like(tp), where=actual > 0)
-    denom = precision + recall
-    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
-    return [
-        {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-        for p, r, f, s in zip(precision, recall, f1, actual, strict=True)
-    ]
+from dlbatch.quality import per_class_scores
 
 
 def _svg(fig) -> str:
