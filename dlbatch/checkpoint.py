@@ -2,7 +2,9 @@
 
 A checkpoint directory holds:
 - ``model.pt``: the unwrapped model's ``state_dict`` (tensors only, loaded with ``weights_only=True``);
-- ``optimizer.pt``: the ``torch.optim.Adam`` ``state_dict`` (same);
+- ``optimizer.pt``: the ``torch.optim.AdamW`` ``state_dict`` (same);
+- ``scheduler.pt``: the learning-rate scheduler's ``state_dict`` (its step count: a resumed fit goes on
+  with the schedule where it stopped);
 - ``meta.json``: epoch, model kind and args, label names, metrics and the task config;
 - ``tokenizer.json`` (text models): the tokenizer in its own JSON format, its SHA-256 in ``meta.json``.
 The tokenizer and label map travel with the weights, so a model is never used with another one.
@@ -21,7 +23,7 @@ from dlbatch.errors import CheckpointError
 from dlbatch.models import build_model
 from dlbatch.tokenizer import TOKENIZER_FILE, tokenizer_sha256, vocab_len
 
-MODEL_FILE, OPTIM_FILE, META_FILE = "model.pt", "optimizer.pt", "meta.json"
+MODEL_FILE, OPTIM_FILE, SCHED_FILE, META_FILE = "model.pt", "optimizer.pt", "scheduler.pt", "meta.json"
 
 
 def save_checkpoint(
@@ -29,12 +31,15 @@ def save_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None,
     meta: dict[str, Any],
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> None:
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), ckpt_dir / MODEL_FILE)
     if optimizer is not None:
         torch.save(optimizer.state_dict(), ckpt_dir / OPTIM_FILE)
+    if scheduler is not None:
+        torch.save(scheduler.state_dict(), ckpt_dir / SCHED_FILE)
     meta = dict(meta)
     tokenizer = meta.pop("tokenizer", None)
     if tokenizer is not None:
@@ -113,9 +118,13 @@ def load_model(ckpt_dir: str | Path, device: str | torch.device = "cpu") -> tupl
 
 
 def load_training_state(
-    ckpt_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer
+    ckpt_dir: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> dict[str, Any]:
-    """Restore model and optimizer in place for a resumed run; returns the metadata (``epoch`` included)."""
+    """Restore model, optimizer and scheduler in place for a resumed run; returns the metadata (``epoch``
+    included)."""
     meta = load_meta(ckpt_dir)
     model.load_state_dict(_load_tensors(Path(ckpt_dir) / MODEL_FILE, "cpu"))
     optim_path = Path(ckpt_dir) / OPTIM_FILE
@@ -126,4 +135,7 @@ def load_training_state(
             raise CheckpointError(
                 f"{optim_path}: optimizer state does not fit this model ({_first_line(err)})"
             ) from None
+    sched_path = Path(ckpt_dir) / SCHED_FILE
+    if scheduler is not None and sched_path.exists():
+        scheduler.load_state_dict(_load_tensors(sched_path, "cpu"))
     return meta

@@ -52,6 +52,23 @@ class ImageConfig(_Frozen):
     resize: bool = True
 
 
+class AugmentConfig(_Frozen):
+    """Training-time augmentation of images (never at validation, test or scoring): a random crop of
+    crop_scale of the image's area (aspect 3:4 to 4:3) resized back, and a horizontal flip."""
+
+    # auto: on for 3-channel images (photos), off for 1-channel ones (digits, scans)
+    enabled: Literal["auto"] | bool = "auto"
+    crop_scale: tuple[float, float] = (0.35, 1.0)
+    flip: bool = True
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale_range(cls, scale: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError("must be [low, high] with 0 < low <= high <= 1")
+        return scale
+
+
 class TextConfig(_Frozen):
     column: str = "text"
     vocab_size: int = Field(default=10_000, ge=4)
@@ -73,7 +90,15 @@ class GRUConfig(_Frozen):
 class TrainConfig(_Frozen):
     epochs: int = Field(default=3, ge=1)
     batch_size: int = Field(default=64, ge=1)  # per worker: the global batch is num_workers x batch_size
-    lr: float = Field(default=3e-3, gt=0)
+    # The recipe (dlbatch/recipe.py): AdamW; lr is the peak rate for a global batch of lr_batch samples,
+    # scaled to the real global batch by lr_scaling (sqrt for Adam-family optimizers, linear for SGD); a
+    # linear warm-up over warmup_fraction of the fit's steps, then a cosine to zero (decay=constant: none).
+    lr: float = Field(default=1e-3, gt=0)
+    lr_batch: int = Field(default=64, ge=1)
+    lr_scaling: Literal["sqrt", "linear", "none"] = "sqrt"
+    warmup_fraction: float = Field(default=0.1, ge=0, lt=1)
+    decay: Literal["cosine", "constant"] = "cosine"
+    weight_decay: float = Field(default=0.01, ge=0)  # AdamW's decoupled decay, on weight matrices and kernels
     num_workers: int = Field(default=2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(default=1.0, gt=0)
@@ -99,6 +124,12 @@ class TrainConfig(_Frozen):
     # back by the host's kernel launches. Each worker compiles at the start of every fit, and on CPUs the
     # compiled steps ran slower than eager. Checkpoints hold the plain model's weights.
     compile: bool = False
+
+
+class TextTrainConfig(TrainConfig):
+    # The GRU's embedding rows learn only from the batches their tokens occur in: a higher peak rate than
+    # the CNN's (chosen on real SMS text, docs/PERFORMANCE.md "Training recipe").
+    lr: float = Field(default=3e-3, gt=0)
 
 
 class PredictConfig(_Frozen):
@@ -131,6 +162,7 @@ class TaskConfig(_Frozen):
 
 class ImageTaskConfig(TaskConfig):
     image: ImageConfig = ImageConfig()
+    augment: AugmentConfig = AugmentConfig()
     model: CNNConfig = CNNConfig()
 
     @property
@@ -139,6 +171,7 @@ class ImageTaskConfig(TaskConfig):
 
 
 class TextTaskConfig(TaskConfig):
+    train: TextTrainConfig = TextTrainConfig()
     text: TextConfig = TextConfig()
     model: GRUConfig = GRUConfig()
 

@@ -19,6 +19,7 @@ from dlbatch.data import SplitInfo, resolve_path
 from dlbatch.errors import TrainingError
 from dlbatch.ingest import checkpoint_meta, training_data
 from dlbatch.night import Fit, Learned, SplitCheck, rows_line
+from dlbatch.recipe import augments, plan_schedule
 from dlbatch.store import (
     SUCCESS,
     is_published,
@@ -102,6 +103,26 @@ def _publish_best(ctx: RunContext, trained) -> tuple[list[dict[str, Any]], int |
     return history, best_history[-1]["epoch"] if best_history else None, final.get("epoch")
 
 
+def _worker_config(ctx: RunContext, learned: Learned, train_rows: int) -> WorkerConfig:
+    """What every rank gets: the model, the recipe planned for this split's size, the checkpoint metadata."""
+    task_cfg = ctx.config
+    schedule = plan_schedule(task_cfg.train, train_rows)
+    augment = None
+    if ctx.task == "image" and augments(task_cfg.augment, task_cfg.image.channels):
+        augment = task_cfg.augment
+    log.info(
+        "%s: AdamW at peak lr %.3g (lr %g for a global batch of %d, %s-scaled to %d), %d steps, %d of "
+        "warm-up, %s decay%s", ctx.task, schedule.peak_lr, task_cfg.train.lr, task_cfg.train.lr_batch,
+        task_cfg.train.lr_scaling, task_cfg.train.num_workers * task_cfg.train.batch_size,
+        schedule.total_steps, schedule.warmup_steps, schedule.decay,
+        "; crops and flips the training images" if augment else "",
+    )  # fmt: skip
+    return WorkerConfig(
+        ctx.task, learned.model_args, task_cfg.train, ctx.run_id, checkpoint_meta(ctx, learned),
+        time.time(), schedule, augment,
+    )  # fmt: skip
+
+
 def fit_model(ctx: RunContext, splits: dict[str, SplitInfo], learned: Learned) -> Fit:
     """Fit with Ray Train; publish the best checkpoint (by val accuracy) as the run's model."""
     paths, task, tcfg = ctx.paths, ctx.task, ctx.config.train
@@ -114,9 +135,7 @@ def fit_model(ctx: RunContext, splits: dict[str, SplitInfo], learned: Learned) -
     if data.materialized:  # a streamed split is counted as it trains
         log.info("%s: preprocessed %s in %.1fs", task, rows_line(data.checks), durations["preprocess"])
     t0 = time.perf_counter()
-    worker = WorkerConfig(
-        task, learned.model_args, tcfg, ctx.run_id, checkpoint_meta(ctx, learned), time.time()
-    )
+    worker = _worker_config(ctx, learned, splits["train"].num_rows)
     try:
         trained = _trainer(ctx, data.datasets, worker).fit()
     finally:  # a streamed split's rows are routed and counted before anything is published

@@ -85,7 +85,7 @@ def _log(client, cfg: JobConfig, summary, paths: RunPaths, report_html: str) -> 
         client.log_batch(run_id, params=params[start : start + 100])
     metrics = []
     for epoch in summary.get("history", []):
-        for key in ("train_loss", "val_loss", "val_accuracy", "samples_per_s"):
+        for key in ("train_loss", "val_loss", "val_accuracy", "samples_per_s", "lr"):
             if epoch.get(key) is not None:
                 metrics.append(Metric(key, float(epoch[key]), 0, int(epoch["epoch"])))
     tested = {**summary.get("metrics", {}), "test_accuracy": summary.get("test_accuracy")}

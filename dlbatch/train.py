@@ -1,5 +1,6 @@
-"""Ray Train worker loop: DDP through ``ray.train.torch.prepare_model``, ``torch.optim.Adam``, and the data
-through Ray Train's own dataset API (``get_dataset_shard``), on CPUs and GPUs alike.
+"""Ray Train worker loop: DDP through ``ray.train.torch.prepare_model``, the recipe of ``recipe.py`` (AdamW,
+a learning rate stepped every batch, image augmentation), and the data through Ray Train's own dataset API
+(``get_dataset_shard``), on CPUs and GPUs alike.
 
 Every epoch all ranks call ``ray.train.report`` once (it is a barrier); rank 0 attaches the checkpoint.
 With ``checkpoint_every_steps`` they also report every N steps inside an epoch (Ray Train splits the
@@ -29,8 +30,9 @@ from torch import nn
 
 from dlbatch.checkpoint import load_training_state, save_checkpoint
 from dlbatch.cluster import WithoutMessage, use_assigned_cpus
-from dlbatch.config import TrainConfig
+from dlbatch.config import AugmentConfig, TrainConfig
 from dlbatch.models import build_model, fast_layout, forward_batch
+from dlbatch.recipe import Schedule, augmentation, optimizer_for, scheduler_for
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +84,35 @@ class EpochSums:
     first_batch_at: float | None = None  # wall clock of the pass's first batch (time to first step)
 
 
+@dataclass
+class Optim:
+    """A rank's optimizer, its per-step learning-rate scheduler, and the training-only augmentation of its
+    input batches (None: none)."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    augment: nn.Module | None = None
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+
+def _augmented(batch: dict[str, torch.Tensor], augment: nn.Module | None) -> dict[str, torch.Tensor]:
+    if augment is None:
+        return batch
+    with torch.no_grad():
+        return {**batch, "x": augment(batch["x"].float().mul_(1 / 255))}
+
+
 def train_epoch(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optim: Optim,
     batches,
     kind: str,
     device: torch.device,
@@ -103,12 +131,11 @@ def train_epoch(
     for step, batch in enumerate(batches, start=first_step + 1):
         if sums.first_batch_at is None:
             sums.first_batch_at = time.time()
+        batch = _augmented(batch, optim.augment)
         with _autocast(device):
             logits = forward_batch(model, kind, batch)
         loss = F.cross_entropy(logits.float(), batch["y"])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        optim.step(loss)
         n = batch["y"].shape[0]
         total_loss += loss.detach() * n
         sums.seen += n
@@ -191,17 +218,18 @@ class ResumePoint:
     resumed: bool = False
 
 
-def resume_point(model: nn.Module, optimizer: torch.optim.Optimizer) -> ResumePoint:
-    """Restore weights and optimizer from Ray Train's latest checkpoint, if any. An end-of-epoch checkpoint
-    resumes at the next epoch; a mid-epoch one (taken after ``step`` steps) resumes that epoch and trains
-    only the steps it had left, on a freshly shuffled pass, so every epoch takes the same number of steps."""
+def resume_point(model: nn.Module, optim: Optim) -> ResumePoint:
+    """Restore weights, optimizer and learning-rate schedule from Ray Train's latest checkpoint, if any. An
+    end-of-epoch checkpoint resumes at the next epoch; a mid-epoch one (taken after ``step`` steps) resumes
+    that epoch and trains only the steps it had left, on a freshly shuffled pass, so every epoch takes the
+    same number of steps, and the schedule goes on from the step the checkpoint took."""
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
     if not ckpt:
         return ResumePoint()
     with ckpt.as_directory() as ckpt_dir:
-        meta = load_training_state(ckpt_dir, model, optimizer)
+        meta = load_training_state(ckpt_dir, model, optim.optimizer, optim.scheduler)
     history = meta.get("history", [])
     if meta.get("step"):
         return ResumePoint(meta["epoch"], meta["step"], meta["partial"], history, True)
@@ -229,6 +257,8 @@ class WorkerConfig:
     run_id: str
     meta: dict[str, Any]  # checkpoint metadata: kind, label map, tokenizer, task config
     fit_started_at: float  # the driver's wall clock at fit(), for the time to the first batch
+    schedule: Schedule  # the learning-rate plan, from the training split's rows (recipe.plan_schedule)
+    augment: AugmentConfig | None = None  # None: training batches are not augmented
 
 
 class Worker:
@@ -236,11 +266,11 @@ class Worker:
     and maybe compiled, for the steps), its optimizer and where it started. Every rank reports each epoch
     (and each mid-epoch checkpoint): a barrier; rank 0 attaches the checkpoint and writes the epoch line."""
 
-    def __init__(self, config: WorkerConfig, model: nn.Module, optimizer, start: ResumePoint):
+    def __init__(self, config: WorkerConfig, model: nn.Module, optim: Optim, start: ResumePoint):
         import ray.train
         import ray.train.torch
 
-        self.config, self.model, self.optimizer, self.start = config, model, optimizer, start
+        self.config, self.model, self.optim, self.start = config, model, optim, start
         self.rank = ray.train.get_context().get_world_rank()
         self.device = ray.train.torch.get_device()
         self.history = start.history
@@ -258,12 +288,14 @@ class Worker:
         first_step = start.step if epoch == start.epoch else 0
         before = start.carried if epoch == start.epoch else {"loss_sum": 0.0, "seen": 0}
         seed = epoch_seed(tcfg.seed, config.run_id, epoch, self.rank) if tcfg.shuffle == "files" else None
+        # Each rank's crops and flips differ, and a rerun of the epoch draws the same ones.
+        torch.manual_seed(epoch_seed(tcfg.seed, config.run_id, epoch, self.rank))
         # Every rank reads its shard to the end (a rank that stopped would stall the others' split).
         batches = islice(
             epoch_batches(shards["train"], kind, tcfg.batch_size, device, seed), first_step, None
         )
         with compile_errors(kind, tcfg.compile):  # compiling happens in the first steps of each mode
-            sums = train_epoch(self.step_model, self.optimizer, batches, kind, device, first_step,
+            sums = train_epoch(self.step_model, self.optim, batches, kind, device, first_step,
                                tcfg.checkpoint_every_steps, self.mid_epoch(epoch, before))  # fmt: skip
             train_s = time.perf_counter() - t0
             val = (0.0, 0, 0)
@@ -271,7 +303,7 @@ class Worker:
                 val = eval_epoch(
                     self.model, epoch_batches(shards["val"], kind, tcfg.batch_size, device), kind, device
                 )
-        return EpochPass(epoch, sums, before, val, started_at, t0, train_s)
+        return EpochPass(epoch, sums, before, val, started_at, t0, train_s, self.optim.lr())
 
     def report(self, metrics: dict[str, Any], meta: dict[str, Any]) -> None:
         import ray.train
@@ -281,7 +313,11 @@ class Worker:
             return
         with tempfile.TemporaryDirectory() as tmp:
             save_checkpoint(
-                tmp, self.model, self.optimizer, {**self.config.meta, **meta, "history": self.history}
+                tmp,
+                self.model,
+                self.optim.optimizer,
+                {**self.config.meta, **meta, "history": self.history},
+                self.optim.scheduler,
             )
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
@@ -331,6 +367,7 @@ class EpochPass:
     started_at: float
     t0: float
     train_s: float
+    lr: float  # the learning rate after the pass's last step
 
 
 def epoch_metrics(done: EpochPass, start: ResumePoint, config: WorkerConfig, device: torch.device) -> dict:
@@ -349,6 +386,7 @@ def epoch_metrics(done: EpochPass, start: ResumePoint, config: WorkerConfig, dev
         "val_loss": val_loss / max(val_seen, 1),
         "val_accuracy": correct / max(val_seen, 1),
         "val_rows": int(val_seen),
+        "lr": done.lr,
         "samples_per_s": trained_here / max(train_s, 1e-9),  # the steps this worker group took
         "epoch_s": time.perf_counter() - done.t0,
         # Wall clock of the training pass (rank 0's start, mean length): lines up with other samplers,
@@ -389,14 +427,18 @@ def train_loop_per_worker(config: WorkerConfig) -> dict[str, Any] | None:
     )  # DDP broadcasts rank 0's weights anyway; the same seed keeps it moot
     device = ray.train.torch.get_device()
     model = fast_layout(build_model(config.kind, config.model_args).to(device))
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
-    start = resume_point(model, optimizer)
+    optimizer = optimizer_for(model, config.schedule)
+    augment = config.augment and augmentation(
+        config.augment, config.model_args["height"], config.model_args["width"]
+    ).to(device)
+    optim = Optim(optimizer, scheduler_for(optimizer, config.schedule), augment or None)
+    start = resume_point(model, optim)
     if start.resumed and ray.train.get_context().get_world_rank() == 0:
         at = f"epoch {start.epoch + 1}" + (
             f" with the steps after its step {start.step}" if start.step else ""
         )
         log.info(f"[{config.kind}] resuming at {at}, from the last registered checkpoint")
-    worker = Worker(config, model, optimizer, start)
+    worker = Worker(config, model, optim, start)
     shards = {name: ray.train.get_dataset_shard(name) for name in ("train", "val")}
     for epoch in range(start.epoch, config.train.epochs):
         done = worker.run_epoch(epoch, shards)

@@ -21,6 +21,7 @@ from faultutil import (
 )
 
 from dlbatch.flow import run_predict, run_train
+from dlbatch.recipe import lr_factor, plan_schedule, steps_per_epoch
 from dlbatch.store import PART_DONE, SUCCESS
 
 REPO = Path(__file__).parents[1]
@@ -49,6 +50,16 @@ def trained_text(ray_cluster, demo_root, tmp_path_factory):
     return cfg, out, summary, state, time.time() - started
 
 
+def assert_schedule_went_on(cfg, history: list[dict], rows: int = 1500) -> None:
+    """Each epoch ended at the rate its step number has in the fit's plan: a resumed group that restarted
+    its schedule (from the warm-up) would end its epochs at other rates."""
+    train = cfg.text.train
+    plan, per_epoch = plan_schedule(train, rows), steps_per_epoch(rows, train)
+    expected = [plan.peak_lr * lr_factor((h["epoch"] + 1) * per_epoch, plan.warmup_steps, plan.total_steps,
+                                         plan.decay) for h in history]  # fmt: skip
+    assert [h["lr"] for h in history] == pytest.approx(expected, rel=1e-6, abs=1e-12)
+
+
 def test_worker_killed_mid_training_resumes_from_checkpoint(trained_text):
     cfg, out, summary, state, seconds = trained_text
     assert "killed_pid" in state, "the worker was never killed: the test did not test anything"
@@ -60,6 +71,7 @@ def test_worker_killed_mid_training_resumes_from_checkpoint(trained_text):
     assert resumed, "the run started over instead of resuming"
     assert resumed[0] >= 1 and set(resumed) == {resumed[0]}
     assert all(h["resumed_from_epoch"] is None for h in history[: resumed[0] + 1])
+    assert_schedule_went_on(cfg, history)
     assert summary["test_accuracy"] > 0.5
     print(f"worker kill: resumed after epoch {resumed[0]}, whole run {seconds:.0f}s")
 
@@ -106,6 +118,7 @@ def test_worker_killed_mid_epoch_resumes_that_epoch_with_the_steps_it_had_left(
     # The resumed epoch counts the checkpoint's steps plus the steps after them: skipping too few or too
     # many batches would change its count.
     assert [h["train_samples"] for h in history] == [1500, 1500]
+    assert_schedule_went_on(cfg, history)  # the schedule went on from the checkpoint's step
     assert summary["test_accuracy"] > 0.5
     print(f"mid-epoch kill: resumed epoch {first['epoch']} at step {first['resumed_at_step']}")
 

@@ -187,6 +187,8 @@ def test_nights_quality_floor_promotion_gate_force_mlflow_and_idempotent_trigger
     history = mlflow.get_metric_history(last, "val_accuracy")
     assert sorted(m.step for m in history) == [0, 1]
     assert {m.step: m.value for m in history}[1] == pytest.approx(night3["history"][1]["val_accuracy"])
+    rates = {m.step: m.value for m in mlflow.get_metric_history(last, "lr")}  # the schedule, per epoch
+    assert rates == pytest.approx({h["epoch"]: h["lr"] for h in night3["history"]}) and rates[1] < rates[0]
     assert mlflow.get_metric_history(last, "test_accuracy")[0].value == pytest.approx(night3["test_accuracy"])
     for key in ("test_macro_f1", "test_balanced_accuracy"):
         assert mlflow.get_metric_history(last, key)[0].value == pytest.approx(night3["metrics"][key]), key
