@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dlbatch.errors import ConfigError
 
@@ -77,8 +77,23 @@ class TextConfig(_Frozen):
 
 
 class CNNConfig(_Frozen):
+    # seed: the project's small CNN (conv_channels, hidden). Otherwise a transformers image model type
+    # (resnet, convnext, efficientnet, mobilenet_v2, regnet, ...; the backbones extra) with a new head.
+    arch: str = "seed"
+    # A backbone's weights: a local path or s3:// / gs:// URI of a save_pretrained directory (config.json,
+    # model.safetensors, preprocessor_config.json) or of one state_dict / safetensors file. None: random
+    # initial weights. Never downloaded from a hub.
+    weights: str | None = None
+    # The backbone's layers keep their weights for the first N epochs (only the new head learns).
+    freeze_epochs: int = Field(default=0, ge=0)
     conv_channels: tuple[int, int, int] = (32, 64, 64)
     hidden: int = Field(default=64, ge=1)
+
+    @model_validator(mode="after")
+    def _backbone_only(self) -> CNNConfig:
+        if self.arch == "seed" and (self.weights or self.freeze_epochs):
+            raise ValueError("weights and freeze_epochs need a backbone: set image.model.arch (e.g. resnet)")
+        return self
 
 
 class GRUConfig(_Frozen):

@@ -106,20 +106,27 @@ def _publish_best(ctx: RunContext, trained) -> tuple[list[dict[str, Any]], int |
 def _worker_config(ctx: RunContext, learned: Learned, train_rows: int) -> WorkerConfig:
     """What every rank gets: the model, the recipe planned for this split's size, the checkpoint metadata."""
     task_cfg = ctx.config
-    schedule = plan_schedule(task_cfg.train, train_rows)
-    augment = None
-    if ctx.task == "image" and augments(task_cfg.augment, task_cfg.image.channels):
-        augment = task_cfg.augment
+    augment, weights, freeze = None, None, 0
+    if ctx.task == "image":
+        if augments(task_cfg.augment, task_cfg.image.channels):
+            augment = task_cfg.augment
+        weights, freeze = task_cfg.model.weights, task_cfg.model.freeze_epochs
+        if weights:
+            from dlbatch.backbone import check_weights
+
+            check_weights(learned.model_args, weights)  # one line now, not from every worker
+    schedule = plan_schedule(task_cfg.train, train_rows, freeze)
     log.info(
         "%s: AdamW at peak lr %.3g (lr %g for a global batch of %d, %s-scaled to %d), %d steps, %d of "
-        "warm-up, %s decay%s", ctx.task, schedule.peak_lr, task_cfg.train.lr, task_cfg.train.lr_batch,
+        "warm-up, %s decay%s%s", ctx.task, schedule.peak_lr, task_cfg.train.lr, task_cfg.train.lr_batch,
         task_cfg.train.lr_scaling, task_cfg.train.num_workers * task_cfg.train.batch_size,
         schedule.total_steps, schedule.warmup_steps, schedule.decay,
         "; crops and flips the training images" if augment else "",
+        f"; from {weights}, its layers frozen for {schedule.freeze_steps} steps" if weights else "",
     )  # fmt: skip
     return WorkerConfig(
         ctx.task, learned.model_args, task_cfg.train, ctx.run_id, checkpoint_meta(ctx, learned),
-        time.time(), schedule, augment,
+        time.time(), schedule, augment, weights,
     )  # fmt: skip
 
 

@@ -91,13 +91,18 @@ def fast_layout(model: nn.Module) -> nn.Module:
     The CNN's weights go channels_last (NHWC), which makes PyTorch take oneDNN's faster NHWC convolutions on
     CPU (docs/PERFORMANCE.md) and is the layout tensor cores use on GPU. Inputs may stay NCHW: a conv
     follows its weight's layout."""
-    if isinstance(model, ImageCNN):
+    if isinstance(model, ImageCNN) or getattr(model, "head_prefix", None):  # the seed CNN or a backbone
         return model.to(memory_format=torch.channels_last)
     return model
 
 
 def build_model(kind: str, model_args: dict) -> nn.Module:
     """Build a model from its kind ("image" / "text") and the args dict saved in checkpoints."""
+    if kind == "image" and model_args.get("arch", "seed") != "seed":
+        from dlbatch.backbone import BackboneArgs, ImageBackbone
+
+        args = {**model_args, "mean": tuple(model_args["mean"]), "std": tuple(model_args["std"])}
+        return ImageBackbone(BackboneArgs(**args))
     if kind == "image":
         args = dict(model_args)
         args["conv_channels"] = tuple(args.get("conv_channels", CNNArgs.conv_channels))
@@ -110,6 +115,10 @@ def build_model(kind: str, model_args: dict) -> nn.Module:
 def model_args_for(task_cfg, num_classes: int, vocab_len: int | None = None) -> dict:
     """Model args (as saved in checkpoints) from a typed task config and facts learned from the data."""
     model = task_cfg.model
+    if hasattr(task_cfg, "image") and model.arch != "seed":
+        from dlbatch.backbone import backbone_args
+
+        return asdict(backbone_args(model, task_cfg.image, num_classes))
     if hasattr(task_cfg, "image"):
         img = task_cfg.image
         return asdict(

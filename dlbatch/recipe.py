@@ -32,6 +32,7 @@ class Schedule:
     total_steps: int
     decay: str  # "cosine" | "constant"
     weight_decay: float
+    freeze_steps: int = 0  # a backbone's layers stay still for these first steps (only its new head learns)
 
 
 def scaled_lr(train: TrainConfig, num_workers: int | None = None) -> float:
@@ -46,17 +47,23 @@ def steps_per_epoch(rows: int, train: TrainConfig, num_workers: int | None = Non
     return math.ceil(per_rank / train.batch_size)
 
 
-def plan_schedule(train: TrainConfig, rows: int) -> Schedule:
+def plan_schedule(train: TrainConfig, rows: int, freeze_epochs: int = 0) -> Schedule:
     """The fit's schedule, from the training rows as the Parquet footers count them (a rejected row makes
     the fit a step or so shorter than planned; the rate then simply stays at the end of its decay)."""
-    total = train.epochs * steps_per_epoch(rows, train)
+    per_epoch = steps_per_epoch(rows, train)
+    total = train.epochs * per_epoch
     warmup = min(round(train.warmup_fraction * total), total - 1)
-    return Schedule(scaled_lr(train), warmup, total, train.decay, train.weight_decay)
+    return Schedule(
+        scaled_lr(train), warmup, total, train.decay, train.weight_decay, freeze_epochs * per_epoch
+    )
 
 
-def lr_factor(step: int, warmup_steps: int, total_steps: int, decay: str) -> float:
+def lr_factor(step: int, warmup_steps: int, total_steps: int, decay: str, frozen_steps: int = 0) -> float:
     """The rate of optimizer step ``step`` (from 0) as a share of the peak: a linear warm-up over
-    ``warmup_steps``, then constant or a cosine from the peak to zero at ``total_steps``."""
+    ``warmup_steps``, then constant or a cosine from the peak to zero at ``total_steps``; zero for the
+    first ``frozen_steps`` (a frozen backbone's groups)."""
+    if step < frozen_steps:
+        return 0.0
     if step < warmup_steps:
         return (step + 1) / (warmup_steps + 1)
     if decay == "constant":
@@ -66,21 +73,39 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, decay: str) -> flo
 
 
 def optimizer_for(model: nn.Module, schedule: Schedule) -> torch.optim.AdamW:
-    """AdamW, decaying the weight matrices and kernels only: biases and norm scales keep their size."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": schedule.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=schedule.peak_lr)
+    """AdamW, decaying the weight matrices and kernels only: biases and norm scales keep their size. A
+    backbone's layers and its new head (``head_prefix``) are groups of their own, so that the layers can be
+    frozen (``frozen_steps``: their rate is zero) while the head learns."""
+    head = getattr(model, "head_prefix", None)
+    groups = []
+    for name_part in ("body", "head"):
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if head is not None:
+            named = [(n, p) for n, p in named if n.startswith(head) == (name_part == "head")]
+        elif name_part == "head":
+            break  # the seed CNN is trained whole: one part
+        frozen = schedule.freeze_steps if head is not None and name_part == "body" else 0
+        for decayed in (True, False):
+            params = [p for _, p in named if (p.ndim >= 2) == decayed]
+            if params:
+                groups.append({"params": params, "weight_decay": schedule.weight_decay if decayed else 0.0,
+                               "frozen_steps": frozen})  # fmt: skip
+    return torch.optim.AdamW(groups, lr=schedule.peak_lr)
 
 
 def scheduler_for(optimizer: torch.optim.Optimizer, schedule: Schedule) -> torch.optim.lr_scheduler.LambdaLR:
-    # A partial (not a lambda) so that the scheduler's state_dict holds plain numbers only.
-    factor = functools.partial(
-        lr_factor, warmup_steps=schedule.warmup_steps, total_steps=schedule.total_steps, decay=schedule.decay
-    )
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    # Partials (not lambdas) so that the scheduler's state_dict holds plain numbers only.
+    factors = [
+        functools.partial(
+            lr_factor,
+            warmup_steps=schedule.warmup_steps,
+            total_steps=schedule.total_steps,
+            decay=schedule.decay,
+            frozen_steps=group.get("frozen_steps", 0),
+        )  # fmt: skip
+        for group in optimizer.param_groups
+    ]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
 
 
 def augments(aug: AugmentConfig, channels: int) -> bool:

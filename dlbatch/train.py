@@ -259,6 +259,7 @@ class WorkerConfig:
     fit_started_at: float  # the driver's wall clock at fit(), for the time to the first batch
     schedule: Schedule  # the learning-rate plan, from the training split's rows (recipe.plan_schedule)
     augment: AugmentConfig | None = None  # None: training batches are not augmented
+    weights: str | None = None  # a backbone's pretrained weights, loaded unless resuming from a checkpoint
 
 
 class Worker:
@@ -426,7 +427,12 @@ def train_loop_per_worker(config: WorkerConfig) -> dict[str, Any] | None:
         config.train.seed
     )  # DDP broadcasts rank 0's weights anyway; the same seed keeps it moot
     device = ray.train.torch.get_device()
-    model = fast_layout(build_model(config.kind, config.model_args).to(device))
+    model = build_model(config.kind, config.model_args)
+    if config.weights:  # a resumed fit then loads its checkpoint over them
+        from dlbatch.backbone import load_pretrained
+
+        load_pretrained(model, config.weights)
+    model = fast_layout(model.to(device))
     optimizer = optimizer_for(model, config.schedule)
     augment = config.augment and augmentation(
         config.augment, config.model_args["height"], config.model_args["width"]
