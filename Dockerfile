@@ -12,5 +12,7 @@ WORKDIR /home/ray/dlbatch
 COPY --chown=ray:users pyproject.toml README.md ./
 COPY --chown=ray:users dlbatch ./dlbatch
 COPY --chown=ray:users jobs ./jobs
-# Ray is already in the image (this keeps it); torch comes from PyPI, its CUDA build on Linux.
-RUN pip install --no-cache-dir . && python -c "import dlbatch.flow, ray, torch; print(ray.__version__, torch.__version__)"
+# Ray is already in the image (this keeps it); torch comes from PyPI, its CUDA build on Linux. Extras by
+# name, e.g. --build-arg EXTRAS=backbones,mlflow (pretrained backbones, MLflow tracking).
+ARG EXTRAS=""
+RUN pip install --no-cache-dir ".${EXTRAS:+[$EXTRAS]}" && python -c "import dlbatch.flow, ray, torch; print(ray.__version__, torch.__version__)"

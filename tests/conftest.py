@@ -72,6 +72,10 @@ def ray_cluster(s3_service):
     # A private local cluster has no spot nodes to drain: no preemption watcher per fit, as dlbatch's own
     # local cluster does (dlbatch/cluster.py); the jobs that join this cluster inherit the setting.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # Ray Train's controller polls its workers every 2 s, and a report waits for the poll: a fit of a few
+    # short epochs spent seconds waiting (a fit's end came 2.8 s after its last batch, 1.0 s at 0.2 s;
+    # bench/fit_overhead.py). Ray Train passes the setting from the driver to its controller.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     yield ray
     ray.shutdown()
 
