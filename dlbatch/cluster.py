@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import socket
+from dataclasses import dataclass
 
 from dlbatch.config import JobConfig
 from dlbatch.errors import ConfigError
@@ -144,6 +145,57 @@ def _join(address: str, env_vars: dict[str, str]) -> None:
             raise
         log.info("the job's runtime env sets %s itself; kept", " or ".join(sorted(env_vars)))
         ray.init(address=address, log_to_driver=True)
+
+
+def data_node_selector(cfg: JobConfig) -> dict[str, str] | None:
+    """The label selector of the nodes for Ray Data's CPU work, when the night routes it there
+    (``cluster.data_nodes``); None: Ray Data runs anywhere."""
+    import ray
+
+    mode = cfg.cluster.data_nodes
+    key, value = cfg.cluster.data_label.split("=", 1)
+    if mode == "off":
+        return None
+    if mode == "auto" and not any(
+        node.get("Alive") and (node.get("Labels") or {}).get(key) == value for node in ray.nodes()
+    ):
+        return None
+    return {key: value}
+
+
+@dataclass(frozen=True)
+class DataNodes:
+    """Where a stage's work goes: ``data``, the label selector of Ray Data's tasks; ``elsewhere``, that of
+    training workers and inference actors (both None: no routing, anything runs anywhere)."""
+
+    data: dict[str, str] | None = None
+
+    @property
+    def elsewhere(self) -> dict[str, str] | None:
+        return {key: f"!{value}" for key, value in self.data.items()} if self.data else None
+
+
+def route_data_work(cfg: JobConfig, stage: str) -> DataNodes:
+    """Point this driver's Ray Data work at the data nodes, or anywhere when there are none, as a stage
+    starts (nodes come and go between stages): datasets made afterwards keep the routing."""
+    from ray.data import DataContext
+
+    nodes = DataNodes(data_node_selector(cfg))
+    options = DataContext.get_current().execution_options
+    changed, options.label_selector = options.label_selector != nodes.data, nodes.data
+    if changed and not nodes.data:
+        log.info("%s: no node labelled %s any more; Ray Data runs anywhere", stage, cfg.cluster.data_label)
+    elif changed:
+        log.info("%s: Ray Data's CPU work runs on the nodes labelled %s; training and inference on the others",
+                 stage, cfg.cluster.data_label)  # fmt: skip
+    return nodes
+
+
+def current_data_nodes() -> DataNodes:
+    """The routing this driver's current stage set (``route_data_work``)."""
+    from ray.data import DataContext
+
+    return DataNodes(DataContext.get_current().execution_options.label_selector)
 
 
 def ensure_ray(cfg: JobConfig) -> None:

@@ -204,6 +204,13 @@ class ClusterConfig(_Frozen):
     # Ray's dashboard for a local cluster, on 127.0.0.1 (a cluster the job joins keeps its own). On by
     # default: Ray Train's placement-group cleaner needs its state API; off starts a local run faster.
     local_dashboard: bool = True
+    # Nodes for Ray Data's CPU work (reading, decoding, tokenizing: training ingest, evaluation, scoring),
+    # marked with this Ray node label (`ray start --labels`). auto: when a node of the cluster carries it
+    # as a stage starts, every Ray Data task runs on such nodes and the training workers and inference
+    # actors on the others; with none (a laptop, a GPU-only cluster) anything runs anywhere. require: route
+    # to them even before one exists (an autoscaler starts them from zero). off: never route.
+    data_nodes: Literal["auto", "require", "off"] = "auto"
+    data_label: str = Field(default="dlbatch-role=data", pattern=r"^[^=\s]+=[^=\s!]+$")
 
 
 class TrackingConfig(_Frozen):

@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 
+from dlbatch.cluster import route_data_work
 from dlbatch.context import RunContext
 from dlbatch.data import SplitInfo, read_split, split_columns
 from dlbatch.ingest import Routing, accept, route_rejects
@@ -49,6 +50,7 @@ def evaluate_model(
     profile from the same pass."""
     t0 = time.perf_counter()
     test = splits["test"]
+    route_data_work(ctx.job, ctx.task)
     with heartbeat(f"{ctx.task}: evaluating on test ({test.num_rows:,} rows)", ctx.job.progress_every_s):
         preds, table, ok = _predict_test(ctx, test, model_uri)
     counts = Counts(read=test.num_rows, used=int(ok.sum()), rejected=int((~ok).sum()))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import re
 import time
 from concurrent.futures import Future
@@ -13,7 +14,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from dlbatch.checkpoint import load_meta
-from dlbatch.cluster import check_cpus_left_for_data
+from dlbatch.cluster import DataNodes, check_cpus_left_for_data, route_data_work
 from dlbatch.context import RunContext
 from dlbatch.data import SplitInfo, resolve_path
 from dlbatch.errors import TrainingError
@@ -45,7 +46,40 @@ def _trained_earlier(ctx: RunContext) -> Fit:
     return Fit(paths.uri("model"), marker.get("history", []), splits)
 
 
-def _trainer(ctx: RunContext, datasets: dict[str, Any], worker: WorkerConfig):
+def sharded_validation(data_selector: dict[str, str] | None = None, val_rows: int = 0):
+    """Ray Train's DataConfig, with the validation split dealt to the ranks as well: the training split in
+    equal shards (DDP ranks take the same number of steps), the validation split in parts that together
+    hold every row once (``equal=False``: an equal split would drop up to a row per rank, and validation
+    has no collective step that needs equal parts), in blocks of about a quarter of a rank's share, which
+    the ranks take as they go. Every rank validates its part; the sums are added.
+    With ``data_selector``, the datasets' Ray Data work runs on the data nodes (``cluster.data_nodes``)."""
+    import copy
+
+    import ray.train
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.label_selector = data_selector
+
+    class ShardedValidation(ray.train.DataConfig):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            rest = {name: ds for name, ds in datasets.items() if name != "val"}
+            output = super().configure(rest, world_size, worker_handles, worker_node_ids, **kwargs)
+            if "val" in datasets:
+                per_block = max(math.ceil(val_rows / (4 * world_size)), 1)
+                val = datasets["val"].repartition(target_num_rows_per_block=per_block)
+                val.context.execution_options = copy.deepcopy(options)
+                if val.name is None:
+                    val.set_name("val")
+                for rank, part in enumerate(val.streaming_split(world_size, equal=False)):
+                    output[rank]["val"] = part
+            return output
+
+    return ShardedValidation(datasets_to_split=["train"], execution_options=options)
+
+
+def _trainer(
+    ctx: RunContext, datasets: dict[str, Any], worker: WorkerConfig, nodes: DataNodes, val_rows: int
+):
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -53,14 +87,13 @@ def _trainer(ctx: RunContext, datasets: dict[str, Any], worker: WorkerConfig):
     return TorchTrainer(
         functools.partial(train_loop_per_worker, worker),
         datasets=datasets,
-        # The training rows are dealt to the ranks in equal shards (DDP ranks take the same number of
-        # steps); the validation split is not split: rank 0 validates on all of it.
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=sharded_validation(nodes.data, val_rows),
         scaling_config=ray.train.ScalingConfig(
             num_workers=tcfg.num_workers,
             use_gpu=tcfg.use_gpu,
             resources_per_worker={"CPU": tcfg.cpus_per_worker, **({"GPU": 1} if tcfg.use_gpu else {})},
             placement_strategy=tcfg.placement_strategy,
+            label_selector=nodes.elsewhere,  # training workers keep off the data nodes
         ),
         run_config=ray.train.RunConfig(
             name=ctx.run_id,
@@ -136,6 +169,7 @@ def fit_model(ctx: RunContext, splits: dict[str, SplitInfo], learned: Learned) -
     if is_published(paths.fs, paths.path("model")):
         return _trained_earlier(ctx)
     check_cpus_left_for_data(task, tcfg.num_workers, tcfg.cpus_per_worker)
+    nodes = route_data_work(ctx.job, task)  # before the datasets are made: they keep the routing
     t0 = time.perf_counter()
     data = training_data(ctx, splits, learned)
     durations = {"preprocess": time.perf_counter() - t0}
@@ -144,7 +178,7 @@ def fit_model(ctx: RunContext, splits: dict[str, SplitInfo], learned: Learned) -
     t0 = time.perf_counter()
     worker = _worker_config(ctx, learned, splits["train"].num_rows)
     try:
-        trained = _trainer(ctx, data.datasets, worker).fit()
+        trained = _trainer(ctx, data.datasets, worker, nodes, splits["val"].num_rows).fit()
     finally:  # a streamed split's rows are routed and counted before anything is published
         checks = {s: c.result() if isinstance(c, Future) else c for s, c in data.checks.items()}
     durations["train"] = time.perf_counter() - t0

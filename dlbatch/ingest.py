@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
+from dlbatch.cluster import route_data_work
 from dlbatch.config import TaskConfig
 from dlbatch.context import RunContext
 from dlbatch.data import (
@@ -84,6 +85,7 @@ def learn(ctx: RunContext, splits: dict[str, SplitInfo]) -> Learned:
         )
         return Learned.from_saved(saved)
     train = splits["train"]
+    route_data_work(ctx.job, task)
     names = build_label_names(train, ctx.config)
     variants = label_variants(names) if train.label_type == "string" else []
     for group in variants:

@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 import torch
 
 from dlbatch.checkpoint import load_meta, load_model
-from dlbatch.cluster import use_assigned_cpus
+from dlbatch.cluster import current_data_nodes, use_assigned_cpus
 from dlbatch.config import PredictConfig, TaskConfig
 from dlbatch.models import fast_layout
 from dlbatch.preprocess import preprocess_batch, to_arrow
@@ -313,6 +313,8 @@ def predict_dataset(
         compute=ray.data.ActorPoolStrategy(size=actor_pool_size(pcfg, free_resources())),
         num_cpus=pcfg.cpus_per_actor,
         num_gpus=pcfg.gpus_per_actor,
+        # The model's actors keep off the data nodes (a dataset's own selector would send them there).
+        **({"label_selector": current_data_nodes().elsewhere} if current_data_nodes().data else {}),
         # An actor that dies (node lost, OOM) is restarted and its batches retried: Ray Data's actor pools
         # default to max_restarts=-1 and max_task_retries=-1 (tests/test_faults.py kills one to check).
     )

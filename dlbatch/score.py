@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
+from dlbatch.cluster import route_data_work
 from dlbatch.context import RunContext
 from dlbatch.data import SplitInfo, count_values, read_split, resolve_path, split_columns, value_counts
 from dlbatch.ingest import REJECT_COLUMNS, accept
@@ -67,6 +68,7 @@ def stage_predictions(ctx: RunContext, score: SplitInfo, model: ScoringModel) ->
     if not force and is_published(paths.fs, paths.path("predictions")):
         log.info("%s: predictions already published at %s; not redone", task, paths.uri("predictions"))
         return Staged(score, model, [], {}, None, time.perf_counter(), published=paths.uri("predictions"))
+    route_data_work(ctx.job, task)
     t0 = time.perf_counter()
     fs, staging, parts_dir = paths.fs, paths.path("_staging"), paths.path("_staging", "score-parts")
     # Leftovers of a killed attempt (one writer per run); its finished parts are kept unless forced.

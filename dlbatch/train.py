@@ -282,7 +282,8 @@ class Worker:
 
     def run_epoch(self, epoch: int, shards: dict[str, Any]) -> EpochPass:
         """Train on this rank's shard (a resumed epoch only the steps its checkpoint had not taken), then
-        validate on rank 0 with the unwrapped model (no collective in its forward)."""
+        validate this rank's part of the validation split with the unwrapped model (no collective in its
+        forward; every rank holds the same weights): ``epoch_metrics`` sums the parts."""
         config, device, start = self.config, self.device, self.start
         tcfg, kind = config.train, config.kind
         t0, started_at = time.perf_counter(), time.time()
@@ -299,11 +300,9 @@ class Worker:
             sums = train_epoch(self.step_model, self.optim, batches, kind, device, first_step,
                                tcfg.checkpoint_every_steps, self.mid_epoch(epoch, before))  # fmt: skip
             train_s = time.perf_counter() - t0
-            val = (0.0, 0, 0)
-            if self.rank == 0:
-                val = eval_epoch(
-                    self.model, epoch_batches(shards["val"], kind, tcfg.batch_size, device), kind, device
-                )
+            val = eval_epoch(
+                self.model, epoch_batches(shards["val"], kind, tcfg.batch_size, device), kind, device
+            )
         return EpochPass(epoch, sums, before, val, started_at, t0, train_s, self.optim.lr())
 
     def report(self, metrics: dict[str, Any], meta: dict[str, Any]) -> None:
@@ -364,7 +363,7 @@ class EpochPass:
     epoch: int
     sums: EpochSums
     before: dict[str, float]  # what a mid-epoch checkpoint had summed of this epoch before a resume
-    val: tuple[float, int, int]  # summed loss, correct, rows (rank 0; zeros elsewhere)
+    val: tuple[float, int, int]  # summed loss, correct, rows of this rank's part of the validation split
     started_at: float
     t0: float
     train_s: float
@@ -373,12 +372,11 @@ class EpochPass:
 
 def epoch_metrics(done: EpochPass, start: ResumePoint, config: WorkerConfig, device: torch.device) -> dict:
     """The epoch's metrics over every rank: a resumed epoch adds what its mid-epoch checkpoint had summed."""
-    loss_sum, trained_here, sum_train_s = _sum_over_ranks(
-        [done.sums.loss_sum, done.sums.seen, done.train_s], device
+    loss_sum, trained_here, sum_train_s, val_loss, correct, val_seen, val_ranks = _sum_over_ranks(
+        [done.sums.loss_sum, done.sums.seen, done.train_s, *done.val, float(done.val[2] > 0)], device
     )
     loss_sum, seen = loss_sum + done.before["loss_sum"], trained_here + done.before["seen"]
     train_s = sum_train_s / (dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1)
-    val_loss, correct, val_seen = done.val
     first = done.sums.first_batch_at
     return {
         "epoch": done.epoch,
@@ -386,7 +384,8 @@ def epoch_metrics(done: EpochPass, start: ResumePoint, config: WorkerConfig, dev
         "train_samples": int(seen),
         "val_loss": val_loss / max(val_seen, 1),
         "val_accuracy": correct / max(val_seen, 1),
-        "val_rows": int(val_seen),
+        "val_rows": int(round(val_seen)),
+        "val_ranks": int(val_ranks),  # ranks that validated a part of the split
         "lr": done.lr,
         "samples_per_s": trained_here / max(train_s, 1e-9),  # the steps this worker group took
         "epoch_s": time.perf_counter() - done.t0,
@@ -404,20 +403,19 @@ def epoch_metrics(done: EpochPass, start: ResumePoint, config: WorkerConfig, dev
 
 
 def diverged(metrics: dict[str, Any], model: nn.Module, device: torch.device) -> bool:
-    """Decided together (rank 0 alone validates and holds the weights it checks): a NaN or infinite loss
+    """Decided together (rank 0 checks the weights, which every rank holds alike): a NaN or infinite loss
     ends the fit on every rank, with no checkpoint, so nothing non-finite is ever published."""
     import ray.train
 
     rank0 = ray.train.get_context().get_world_rank() == 0
-    finite = math.isfinite(metrics["train_loss"]) and (
-        not rank0 or (math.isfinite(metrics["val_loss"]) and _finite_weights(model))
-    )
+    finite = math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["val_loss"])
+    finite = finite and (not rank0 or _finite_weights(model))
     return bool(_sum_over_ranks([0.0 if finite else 1.0], device)[0])
 
 
 def train_loop_per_worker(config: WorkerConfig) -> dict[str, Any] | None:
     """Ray Train entry point (bound to its config with functools.partial). The datasets come from the
-    trainer: ``train`` split into equal shards, ``val`` whole."""
+    trainer: ``train`` split into equal shards, ``val`` into parts that together hold every row."""
     import ray.train
     import ray.train.torch
 

@@ -22,6 +22,16 @@ def test_gpu_workers_autoscale_from_zero():
     assert gpu and all(v["min_workers"] == 0 and v["max_workers"] >= 1 for v in gpu)
 
 
+def test_cpu_workers_for_data_work_autoscale_from_zero_with_the_label_the_job_looks_for():
+    from dlbatch.config import ClusterConfig
+
+    key, value = ClusterConfig().data_label.split("=")
+    workers = CLUSTER["available_node_types"].values()
+    [data] = [v for v in workers if v.get("labels", {}).get(key) == value]
+    assert data["min_workers"] == 0 and data["max_workers"] >= 1
+    assert data["node_config"]["InstanceType"].startswith(("c", "m"))  # a CPU instance family
+
+
 def test_dashboard_is_not_public_and_token_auth_is_on():
     head = " ".join(CLUSTER["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head

@@ -35,6 +35,18 @@ def test_rayjob_fields():
         assert env["RAY_AUTH_MODE"]["value"] == "token"
         assert "secretKeyRef" in env["RAY_AUTH_TOKEN"]["valueFrom"]  # the token is a secret, never inline
     assert gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert_a_data_group_from_zero(cluster, spec["entrypoint"])
+
+
+def assert_a_data_group_from_zero(cluster: dict, entrypoint: str) -> None:
+    """A CPU-only group, from zero, labelled as the job's config looks for it, which the job routes to."""
+    from dlbatch.config import ClusterConfig
+
+    key, value = ClusterConfig().data_label.split("=")
+    [cpu] = [g for g in cluster["workerGroupSpecs"] if g.get("labels", {}).get(key) == value]
+    assert cpu["minReplicas"] == 0 and cpu["maxReplicas"] >= 1
+    assert "nvidia.com/gpu" not in cpu["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert "cluster.data_nodes=require" in entrypoint and cluster["autoscalerOptions"]["version"] == "v2"
 
 
 def test_cronjob_creates_one_dated_rayjob_per_night():

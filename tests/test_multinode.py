@@ -37,3 +37,27 @@ def test_node_removed_mid_training_still_finishes(demo_root, tmp_path):
     assert resumed, "the run started over instead of resuming from its checkpoint"
     assert result["summary"]["test_accuracy"] > 0.5
     print(f"node removal: resumed after epoch {min(resumed)}, whole run {result['seconds']:.0f}s")
+
+
+@pytest.mark.slow
+def test_ray_datas_work_runs_on_the_data_nodes_and_training_does_not(demo_root, tmp_path):
+    """A cluster with a node labelled dlbatch-role=data (cluster.data_nodes=auto): the night's Ray Data
+    tasks (ingest, evaluation, scoring) run there, the training workers on the other node; Ray's state API
+    says where each ran."""
+    paths = demo_root["text"]
+    done = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "data_nodes_run.py"), str(tmp_path), paths["train"], paths["val"],
+         paths["test"], paths["score"]],
+        capture_output=True, text=True, cwd=REPO, timeout=480, start_new_session=True,
+    )  # fmt: skip
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, (done.stdout + done.stderr)[-6000:]
+    result = json.loads(lines[0].removeprefix("RESULT "))
+    assert result["status"] == "promoted"
+    tasks = result["data_tasks"]
+    assert tasks, "no Ray Data task was recorded: the test did not test anything"
+    assert all(on_data for _, on_data in tasks), tasks
+    assert any("preprocess_for_training" in name for name, _ in tasks)  # the training ingest
+    assert any("predict_batch" in name for name, _ in tasks)  # evaluation and scoring
+    assert result["train_workers_on_data_node"] == [False, False]
+    assert result["val_ranks"] == [2]  # and both ranks validated a part of the split

@@ -40,6 +40,29 @@ def shipped_config(tmp_path, task: str, demo_root: dict, *extra: str):
     )
 
 
+def assert_validation_is_one_ranks_over_the_whole_split(summary: dict, task: str, val_path: str) -> None:
+    """The ranks' validation parts, summed, give what one process computes over the whole split with the
+    same weights (the published checkpoint's, validated at the end of its epoch)."""
+    import torch
+
+    from dlbatch.config import task_config
+    from dlbatch.predict import preprocess_spec
+    from dlbatch.preprocess import preprocess_batch
+    from dlbatch.train import DTYPES, FEATURES, eval_epoch
+
+    model, meta = load_model(summary["paths"]["model"])
+    cols = preprocess_batch(
+        pq.read_table(val_path), preprocess_spec(task, task_config(task, meta["config"]), meta)
+    )
+    ok = np.asarray(cols["reject_reason"].is_null())
+    batch = {k: torch.from_numpy(np.ascontiguousarray(cols[k][ok])).to(DTYPES[k]) for k in FEATURES[task]}
+    loss, correct, rows = eval_epoch(model, [batch], task, torch.device("cpu"))
+    validated = summary["history"][meta["epoch"]]
+    assert validated["val_rows"] == rows
+    assert validated["val_accuracy"] == pytest.approx(correct / rows, abs=1.5 / rows)  # a near-tie may flip
+    assert validated["val_loss"] == pytest.approx(loss / rows, rel=1e-4)
+
+
 @pytest.mark.parametrize(("task", "chance", "min_acc"), [("image", 0.10, 0.60), ("text", 0.25, 0.60)])
 def test_shipped_config_trains_evaluates_and_predicts(
     ray_cluster, demo_root, tmp_path, task, chance, min_acc
@@ -63,6 +86,8 @@ def test_shipped_config_trains_evaluates_and_predicts(
     for h in summary["history"]:
         assert {"train_loss", "val_loss", "val_accuracy", "samples_per_s"} <= h.keys()
         assert h["val_rows"] == summary["rows"]["val"]["used"] == _rows(demo_root[task]["val"])
+        assert h["val_ranks"] == 2  # both ranks validated a part of the split
+    assert_validation_is_one_ranks_over_the_whole_split(summary, task, demo_root[task]["val"])
     assert 0 < summary["durations_s"]["train_first_batch"] < summary["durations_s"]["train"]
 
     run_dir = tmp_path / "runs" / "2026-11-25" / task
