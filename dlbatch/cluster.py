@@ -24,7 +24,7 @@ def local_num_cpus(cfg: JobConfig) -> int:
     if cfg.cluster.local_num_cpus:
         return cfg.cluster.local_num_cpus
     need = max(
-        int(t.train.num_workers * t.train.cpus_per_worker) + 2 for t in (cfg.task(name) for name in cfg.tasks)
+        int(t.train.max_workers * t.train.cpus_per_worker) + 2 for t in (cfg.task(name) for name in cfg.tasks)
     )
     return max(need, os.cpu_count() or 1)
 

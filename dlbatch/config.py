@@ -114,7 +114,11 @@ class TrainConfig(_Frozen):
     warmup_fraction: float = Field(default=0.1, ge=0, lt=1)
     decay: Literal["cosine", "constant"] = "cosine"
     weight_decay: float = Field(default=0.01, ge=0)  # AdamW's decoupled decay, on weight matrices and kernels
-    num_workers: int = Field(default=2, ge=1)
+    # A number, or [min, max] for elastic training: the fit starts once min workers can be placed, goes on
+    # with fewer after a node is lost and none replaces it, and grows back when capacity returns (checked
+    # every elastic_resize_interval_s). The rate and the steps follow the world size (dlbatch/recipe.py).
+    num_workers: int | tuple[int, int] = 2
+    elastic_resize_interval_s: float = Field(default=60.0, gt=0)
     use_gpu: bool = False
     cpus_per_worker: float = Field(default=1.0, gt=0)
     # Worker restarts allowed after a worker or node dies (-1: unlimited); the run resumes from its last checkpoint.
@@ -139,6 +143,19 @@ class TrainConfig(_Frozen):
     # back by the host's kernel launches. Each worker compiles at the start of every fit, and on CPUs the
     # compiled steps ran slower than eager. Checkpoints hold the plain model's weights.
     compile: bool = False
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:
+        low, high = (value, value) if isinstance(value, int) else value
+        if low < 1 or low > high:
+            raise ValueError("must be a number >= 1 or [min, max] with 1 <= min <= max")
+        return value
+
+    @property
+    def max_workers(self) -> int:
+        """The world size the fit is planned for: the most workers it may have."""
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
 
 
 class TextTrainConfig(TrainConfig):

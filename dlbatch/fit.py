@@ -89,7 +89,8 @@ def _trainer(
         datasets=datasets,
         dataset_config=sharded_validation(nodes.data, val_rows),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=tcfg.num_workers,
+            num_workers=tcfg.num_workers,  # (min, max): Ray Train's elastic training
+            elastic_resize_monitor_interval_s=tcfg.elastic_resize_interval_s,
             use_gpu=tcfg.use_gpu,
             resources_per_worker={"CPU": tcfg.cpus_per_worker, **({"GPU": 1} if tcfg.use_gpu else {})},
             placement_strategy=tcfg.placement_strategy,
@@ -152,7 +153,7 @@ def _worker_config(ctx: RunContext, learned: Learned, train_rows: int) -> Worker
     log.info(
         "%s: AdamW at peak lr %.3g (lr %g for a global batch of %d, %s-scaled to %d), %d steps, %d of "
         "warm-up, %s decay%s%s", ctx.task, schedule.peak_lr, task_cfg.train.lr, task_cfg.train.lr_batch,
-        task_cfg.train.lr_scaling, task_cfg.train.num_workers * task_cfg.train.batch_size,
+        task_cfg.train.lr_scaling, task_cfg.train.max_workers * task_cfg.train.batch_size,
         schedule.total_steps, schedule.warmup_steps, schedule.decay,
         "; crops and flips the training images" if augment else "",
         f"; from {weights}, its layers frozen for {schedule.freeze_steps} steps" if weights else "",
@@ -168,7 +169,7 @@ def fit_model(ctx: RunContext, splits: dict[str, SplitInfo], learned: Learned) -
     paths, task, tcfg = ctx.paths, ctx.task, ctx.config.train
     if is_published(paths.fs, paths.path("model")):
         return _trained_earlier(ctx)
-    check_cpus_left_for_data(task, tcfg.num_workers, tcfg.cpus_per_worker)
+    check_cpus_left_for_data(task, tcfg.max_workers, tcfg.cpus_per_worker)
     nodes = route_data_work(ctx.job, task)  # before the datasets are made: they keep the routing
     t0 = time.perf_counter()
     data = training_data(ctx, splits, learned)

@@ -33,29 +33,44 @@ class Schedule:
     decay: str  # "cosine" | "constant"
     weight_decay: float
     freeze_steps: int = 0  # a backbone's layers stay still for these first steps (only its new head learns)
+    rows: int = 0  # the training rows it was planned for
+    freeze_epochs: int = 0
+
+
+def for_world(schedule: Schedule, train: TrainConfig, world: int) -> Schedule:
+    """The schedule for the world size the fit runs at (elastic training starts, shrinks and grows): the
+    rate scaled to that global batch and the steps of that many equal shards."""
+    return plan_schedule(train, schedule.rows, schedule.freeze_epochs, world)
+
+
+def resized_step(step: int, saved_world: int, world: int) -> int:
+    """A step count taken at ``saved_world`` workers as the steps that train as many samples at ``world``
+    (the same share of the epoch; rounded up, so that no part of the epoch is trained twice over)."""
+    return step if saved_world == world else math.ceil(step * saved_world / world)
 
 
 def scaled_lr(train: TrainConfig, num_workers: int | None = None) -> float:
     """``train.lr`` scaled from its reference batch (``lr_batch``) to the global batch."""
-    global_batch = (num_workers or train.num_workers) * train.batch_size
+    global_batch = (num_workers or train.max_workers) * train.batch_size
     return train.lr * (global_batch / train.lr_batch) ** SCALING_POWER[train.lr_scaling]
 
 
 def steps_per_epoch(rows: int, train: TrainConfig, num_workers: int | None = None) -> int:
     """Optimizer steps in one epoch: Ray Train deals each rank an equal shard of the rows."""
-    per_rank = max(rows // (num_workers or train.num_workers), 1)
+    per_rank = max(rows // (num_workers or train.max_workers), 1)
     return math.ceil(per_rank / train.batch_size)
 
 
-def plan_schedule(train: TrainConfig, rows: int, freeze_epochs: int = 0) -> Schedule:
+def plan_schedule(
+    train: TrainConfig, rows: int, freeze_epochs: int = 0, num_workers: int | None = None
+) -> Schedule:
     """The fit's schedule, from the training rows as the Parquet footers count them (a rejected row makes
     the fit a step or so shorter than planned; the rate then simply stays at the end of its decay)."""
-    per_epoch = steps_per_epoch(rows, train)
+    per_epoch = steps_per_epoch(rows, train, num_workers)
     total = train.epochs * per_epoch
     warmup = min(round(train.warmup_fraction * total), total - 1)
-    return Schedule(
-        scaled_lr(train), warmup, total, train.decay, train.weight_decay, freeze_epochs * per_epoch
-    )
+    return Schedule(scaled_lr(train, num_workers), warmup, total, train.decay, train.weight_decay,
+                    freeze_epochs * per_epoch, rows, freeze_epochs)  # fmt: skip
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, decay: str, frozen_steps: int = 0) -> float:

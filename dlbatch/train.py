@@ -32,7 +32,7 @@ from dlbatch.checkpoint import load_training_state, save_checkpoint
 from dlbatch.cluster import WithoutMessage, use_assigned_cpus
 from dlbatch.config import AugmentConfig, TrainConfig
 from dlbatch.models import build_model, fast_layout, forward_batch
-from dlbatch.recipe import Schedule, augmentation, optimizer_for, scheduler_for
+from dlbatch.recipe import Schedule, augmentation, for_world, optimizer_for, resized_step, scheduler_for
 
 log = logging.getLogger(__name__)
 
@@ -218,11 +218,23 @@ class ResumePoint:
     resumed: bool = False
 
 
-def resume_point(model: nn.Module, optim: Optim) -> ResumePoint:
+def _resize(optim: Optim, schedule: Schedule, saved_world: int, world: int) -> None:
+    """A schedule checkpointed at another world size goes on from the same share of the fit, at this
+    size's rate: its step count is rescaled and the groups' rates recomputed from this size's peak."""
+    sched = optim.scheduler
+    sched.last_epoch = resized_step(sched.last_epoch, saved_world, world)
+    sched.base_lrs = [schedule.peak_lr] * len(optim.optimizer.param_groups)
+    for group, factor in zip(optim.optimizer.param_groups, sched.lr_lambdas, strict=True):
+        group["initial_lr"] = schedule.peak_lr
+        group["lr"] = schedule.peak_lr * factor(sched.last_epoch)
+
+
+def resume_point(model: nn.Module, optim: Optim, schedule: Schedule | None = None) -> ResumePoint:
     """Restore weights, optimizer and learning-rate schedule from Ray Train's latest checkpoint, if any. An
     end-of-epoch checkpoint resumes at the next epoch; a mid-epoch one (taken after ``step`` steps) resumes
     that epoch and trains only the steps it had left, on a freshly shuffled pass, so every epoch takes the
-    same number of steps, and the schedule goes on from the step the checkpoint took."""
+    same number of steps, and the schedule goes on from the step the checkpoint took. A checkpoint of
+    another world size (elastic training) counts its steps as the steps that train as many samples now."""
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
@@ -231,8 +243,13 @@ def resume_point(model: nn.Module, optim: Optim) -> ResumePoint:
     with ckpt.as_directory() as ckpt_dir:
         meta = load_training_state(ckpt_dir, model, optim.optimizer, optim.scheduler)
     history = meta.get("history", [])
+    world = ray.train.get_context().get_world_size()
+    saved_world = meta.get("world_size", world)
+    if saved_world != world and schedule is not None:
+        _resize(optim, schedule, saved_world, world)
     if meta.get("step"):
-        return ResumePoint(meta["epoch"], meta["step"], meta["partial"], history, True)
+        step = resized_step(meta["step"], saved_world, world)
+        return ResumePoint(meta["epoch"], step, meta["partial"], history, True)
     return ResumePoint(meta["epoch"] + 1, 0, ResumePoint().carried, history, True)
 
 
@@ -273,6 +290,7 @@ class Worker:
 
         self.config, self.model, self.optim, self.start = config, model, optim, start
         self.rank = ray.train.get_context().get_world_rank()
+        self.world = ray.train.get_context().get_world_size()
         self.device = ray.train.torch.get_device()
         self.history = start.history
         self.last_mid_epoch = {"at": None, "warned": False}
@@ -316,7 +334,7 @@ class Worker:
                 tmp,
                 self.model,
                 self.optim.optimizer,
-                {**self.config.meta, **meta, "history": self.history},
+                {**self.config.meta, **meta, "history": self.history, "world_size": self.world},
                 self.optim.scheduler,
             )
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
@@ -386,6 +404,7 @@ def epoch_metrics(done: EpochPass, start: ResumePoint, config: WorkerConfig, dev
         "val_accuracy": correct / max(val_seen, 1),
         "val_rows": int(round(val_seen)),
         "val_ranks": int(val_ranks),  # ranks that validated a part of the split
+        "world_size": dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1,
         "lr": done.lr,
         "samples_per_s": trained_here / max(train_s, 1e-9),  # the steps this worker group took
         "epoch_s": time.perf_counter() - done.t0,
@@ -431,12 +450,14 @@ def train_loop_per_worker(config: WorkerConfig) -> dict[str, Any] | None:
 
         load_pretrained(model, config.weights)
     model = fast_layout(model.to(device))
-    optimizer = optimizer_for(model, config.schedule)
+    # Planned for the most workers; an elastic fit runs at the size it got (recipe.for_world).
+    schedule = for_world(config.schedule, config.train, ray.train.get_context().get_world_size())
+    optimizer = optimizer_for(model, schedule)
     augment = config.augment and augmentation(
         config.augment, config.model_args["height"], config.model_args["width"]
     ).to(device)
-    optim = Optim(optimizer, scheduler_for(optimizer, config.schedule), augment or None)
-    start = resume_point(model, optim)
+    optim = Optim(optimizer, scheduler_for(optimizer, schedule), augment or None)
+    start = resume_point(model, optim, schedule)
     if start.resumed and ray.train.get_context().get_world_rank() == 0:
         at = f"epoch {start.epoch + 1}" + (
             f" with the steps after its step {start.step}" if start.step else ""

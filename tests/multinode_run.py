@@ -1,5 +1,7 @@
 """Helper run by test_multinode.py in its own process: a 3-node Ray cluster on this machine
-(``ray.cluster_utils.Cluster``), training spread over two nodes, one worker node removed mid-training.
+(``ray.cluster_utils.Cluster``) whose two worker nodes fit one training worker each, an elastic fit
+(``num_workers=[1, 2]``) over both, one worker node removed mid-training with no replacement (the fit goes
+on with one worker), then a node added back (it grows to two again).
 
     python tests/multinode_run.py OUTPUT_ROOT TRAIN VAL TEST [--no-fault]   # prints one JSON line
 
@@ -7,6 +9,7 @@
 """
 
 import json
+import os
 import sys
 import threading
 import time
@@ -22,15 +25,19 @@ from dlbatch.flow import run_train
 
 
 def main(out: str, train: str, val: str, test: str, fault: bool = True) -> dict:
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    # A lost node's replacement is waited for this long before the fit goes on with fewer workers (Ray
+    # Train's default: 60 s, for an autoscaler to bring one).
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "15")
+    # The head's one CPU is Ray Data's; a training worker takes a worker node's two.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)
     cfg = load_config(None, [
         "tasks=[text]", f"output_root={out}", "run_date=2026-11-25",
         f"text.data.train={train}", f"text.data.val={val}", f"text.data.test={test}",
-        "text.train.epochs=10", "text.train.batch_size=32", "text.train.max_failures=3",
-        "text.train.placement_strategy=STRICT_SPREAD",
+        "text.train.epochs=12", "text.train.batch_size=16", "text.train.max_failures=3",
+        "text.train.num_workers=[1, 2]", "text.train.cpus_per_worker=2", "text.train.elastic_resize_interval_s=3",
     ])  # fmt: skip
     storage = Path(out) / "ray_results" / "text-2026-11-25"
     state: dict = {}
@@ -48,7 +55,7 @@ def main(out: str, train: str, val: str, test: str, fault: bool = True) -> dict:
 
     def remove_a_worker_node():
         deadline = time.time() + 300
-        while time.time() < deadline:
+        while time.time() < deadline and fitting.is_alive():
             if registered_checkpoints(storage) >= 1:
                 try:
                     hosting = train_worker_nodes()
@@ -57,18 +64,30 @@ def main(out: str, train: str, val: str, test: str, fault: bool = True) -> dict:
                 if hosting:
                     state["worker_nodes_hosting"] = len(hosting)
                     state["removed_node"], state["removed_at"] = hosting[0].node_id, time.time()
+                    seen = registered_checkpoints(storage)
                     cluster.remove_node(hosting[0])
-                    return
+                    workers.remove(hosting[0])
+                    break
+            time.sleep(0.2)
+        # Capacity returns once the shrunk group has trained an epoch: a new node, as an autoscaler adds.
+        while time.time() < deadline and fitting.is_alive():
+            if registered_checkpoints(storage) > seen:
+                workers.append(cluster.add_node(num_cpus=2))
+                state["added_at"] = time.time()
+                return
             time.sleep(0.2)
 
-    remover = threading.Thread(target=remove_a_worker_node, daemon=True)
-    if fault:
-        remover.start()
+    # The fit runs in a thread: a node can only be added from the main thread (Ray installs its signal
+    # handlers there).
+    summaries: list = []
+    fitting = threading.Thread(target=lambda: summaries.extend(run_train(cfg)), daemon=True)
     started = time.time()
-    [summary] = run_train(cfg)
+    fitting.start()
     if fault:
-        remover.join(timeout=1)
-    result = {"summary": summary, **state, "seconds": time.time() - started}
+        remove_a_worker_node()
+    fitting.join()
+    assert summaries, "the fit failed (its traceback is above)"
+    result = {"summary": summaries[0], **state, "seconds": time.time() - started}
     ray.shutdown()
     cluster.shutdown()
     return result

@@ -1,4 +1,5 @@
-"""Multi-node on one machine: workers on different nodes, shared storage_path, a worker node removed."""
+"""Multi-node on one machine: elastic training through a node's loss and return, and Ray Data's work on
+labelled CPU nodes."""
 
 import json
 import subprocess
@@ -11,7 +12,10 @@ REPO = Path(__file__).parents[1]
 
 
 @pytest.mark.slow
-def test_node_removed_mid_training_still_finishes(demo_root, tmp_path):
+def test_an_elastic_fit_goes_on_with_one_worker_when_a_node_is_lost_and_grows_back(demo_root, tmp_path):
+    """num_workers=[1, 2]: a worker node removed mid-fit and none to replace it, the fit resumes from its
+    checkpoint with one worker; a node added back, a later epoch trains with two. Every epoch once, with
+    every training row (equal shards at either size: 1,500 rows)."""
     paths = demo_root["text"]
     log = tmp_path / "multinode.log"
     with log.open("w") as out:
@@ -32,9 +36,13 @@ def test_node_removed_mid_training_still_finishes(demo_root, tmp_path):
     assert "removed_node" in result, "no worker node was removed: the test did not test anything"
     assert result["worker_nodes_hosting"] >= 1
     history = result["summary"]["history"]
-    assert [h["epoch"] for h in history] == list(range(10))
+    assert [h["epoch"] for h in history] == list(range(12))
     resumed = {h["resumed_from_epoch"] for h in history} - {None}
     assert resumed, "the run started over instead of resuming from its checkpoint"
+    sizes = [h["world_size"] for h in history]
+    assert sizes[0] == 2 and 1 in sizes, sizes  # started with two, went on with one
+    assert 2 in sizes[sizes.index(1) :], sizes  # and grew back to two
+    assert [h["train_samples"] for h in history] == [1500] * 12
     assert result["summary"]["test_accuracy"] > 0.5
     print(f"node removal: resumed after epoch {min(resumed)}, whole run {result['seconds']:.0f}s")
 

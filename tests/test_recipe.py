@@ -113,3 +113,46 @@ def test_a_bad_crop_scale_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="image.augment.crop_scale"):
         load_config(None, ["image.augment.crop_scale=[0.5, 0.2]"])
     assert math.isclose(load_config(None, []).image.augment.crop_scale[0], 0.35)
+
+
+@pytest.mark.parametrize("value", ["[0, 2]", "[3, 2]", "0"])
+def test_a_bad_worker_range_is_one_line(value):
+    with pytest.raises(ConfigError, match=r"image\.train\.num_workers.*1 <= min <= max"):
+        load_config(None, [f"image.train.num_workers={value}"])
+
+
+def test_an_elastic_fit_plans_for_its_most_workers_and_runs_at_the_size_it_gets():
+    from dlbatch.recipe import for_world, resized_step
+
+    train = load_config(None, ["image.train.num_workers=[1, 4]", "image.train.batch_size=16"]).image.train
+    assert train.num_workers == (1, 4) and train.max_workers == 4
+    planned = plan_schedule(train, 6400)  # 4 x 16 = a global batch of 64: lr as given, 100 steps an epoch
+    assert planned.peak_lr == pytest.approx(train.lr) and planned.total_steps == 3 * 100
+    one = for_world(planned, train, 1)  # a quarter of the batch: half the rate (sqrt), 4x the steps
+    assert one.peak_lr == pytest.approx(train.lr / 2) and one.total_steps == 3 * 400
+    # 30 steps at 4 workers trained 30 x 64 samples: 120 steps at 1 worker, 60 at 2 (rounded up at 3).
+    assert [resized_step(30, 4, w) for w in (1, 2, 3, 4)] == [120, 60, 40, 30]
+    assert resized_step(7, 4, 3) == 10
+
+
+def test_a_schedule_resumed_at_another_world_size_goes_on_from_the_same_share_of_the_fit(tmp_path):
+    from dlbatch.recipe import for_world
+    from dlbatch.train import Optim, _resize
+
+    train = TrainConfig(epochs=2, batch_size=10, num_workers=(1, 2))
+    at_two = for_world(plan_schedule(train, 100), train, 2)  # 5 steps an epoch, 10 in all
+    model = ImageCNN(ARGS)
+    opt, sched = _fit_steps(model, at_two, 6)
+    save_checkpoint(tmp_path, model, opt, {"kind": "image", "model_args": {}, "label_names": []}, sched)
+    at_one = for_world(at_two, train, 1)  # 10 steps an epoch, 20 in all
+    fresh_opt = optimizer_for(ImageCNN(ARGS), at_one)
+    optim = Optim(fresh_opt, scheduler_for(fresh_opt, at_one))
+    load_training_state(tmp_path, ImageCNN(ARGS), fresh_opt, optim.scheduler)
+    _resize(optim, at_one, saved_world=2, world=1)
+    assert optim.scheduler.last_epoch == 12  # 6 of 10 steps = 12 of 20
+    expected = at_one.peak_lr * lr_factor(12, at_one.warmup_steps, at_one.total_steps, at_one.decay)
+    assert fresh_opt.param_groups[0]["lr"] == pytest.approx(expected)
+    # The same point of the cosine as at 2 workers (the warm-ups differ by a step), at the 1-worker peak.
+    assert lr_factor(12, at_one.warmup_steps, 20, "cosine") == pytest.approx(
+        lr_factor(6, at_two.warmup_steps, 10, "cosine"), rel=0.05
+    )

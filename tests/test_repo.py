@@ -50,7 +50,9 @@ def test_the_readmes_own_data_config_is_a_valid_config():
 
     from dlbatch.config import build_config
 
-    [block] = re.findall(r"```yaml\n(.*?)```", (REPO / "README.md").read_text(), re.S)
-    cfg = build_config(yaml.safe_load(block), "README")
+    own_data, backbone = re.findall(r"```yaml\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    cfg = build_config(yaml.safe_load(own_data), "README")
     assert cfg.tasks == ("text",) and cfg.text.data.passthrough_columns == ("text",)
     assert cfg.text.predict.gpus_per_actor == 1
+    tuned = build_config(yaml.safe_load(backbone), "README").image  # the fine-tuning example
+    assert tuned.model.arch == "resnet" and tuned.model.freeze_epochs == 1 and tuned.image.channels == 3
