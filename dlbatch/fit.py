@@ -56,9 +56,12 @@ def sharded_validation(data_selector: dict[str, str] | None = None, val_rows: in
     import copy
 
     import ray.train
+    from ray.data import DataContext, ExecutionOptions
 
-    options = ray.train.DataConfig.default_ingest_options()
-    options.label_selector = data_selector
+    # Built here, not from DataConfig.default_ingest_options(), which passes Ray Data's deprecated
+    # exclude_resources (a warning in every job's log).
+    limits = DataContext.get_current().execution_options.resource_limits
+    options = ExecutionOptions(resource_limits=limits, label_selector=data_selector)
 
     class ShardedValidation(ray.train.DataConfig):
         def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
