@@ -83,9 +83,10 @@ class ImageBackbone(nn.Module):
         return self.net(pixel_values=(x - self.mean) / self.std).logits
 
 
-def _read(uri: str) -> tuple[dict[str, bytes], str]:
-    """The weight source's files: a directory's known files, or the one file. Returns (files, the path of
-    the weights file)."""
+def _read(uri: str, with_weights: bool = True) -> tuple[dict[str, bytes], str]:
+    """The weight source's files: a directory's config files and its first weights file, or the one file
+    (under "weights"); ``with_weights=False`` reads the config files only (a weights file can be GBs).
+    Returns (files, the path of the weights file)."""
     import pyarrow.fs as pafs
 
     from dlbatch.data import resolve_path
@@ -100,15 +101,15 @@ def _read(uri: str) -> tuple[dict[str, bytes], str]:
             return f.read()
 
     if info.type == pafs.FileType.File:
-        return {"weights": read(path)}, uri
-    files = {}
-    for name in (CONFIG_FILE, PREPROCESSOR_FILE, *WEIGHT_FILES):
-        if fs.get_file_info(f"{path}/{name}").type == pafs.FileType.File:
-            files[name] = read(f"{path}/{name}")
-    found = [name for name in WEIGHT_FILES if name in files]
+        return ({"weights": read(path)} if with_weights else {}), uri
+    present = {name for name in (CONFIG_FILE, PREPROCESSOR_FILE, *WEIGHT_FILES)
+               if fs.get_file_info(f"{path}/{name}").type == pafs.FileType.File}  # fmt: skip
+    found = [name for name in WEIGHT_FILES if name in present]
     if not found:
         raise ConfigError(f"image.model.weights: {uri}: no {' or '.join(WEIGHT_FILES)} in the directory")
-    files["weights"] = files[found[0]]
+    files = {name: read(f"{path}/{name}") for name in (CONFIG_FILE, PREPROCESSOR_FILE) if name in present}
+    if with_weights:
+        files["weights"] = read(f"{path}/{found[0]}")
     return files, f"{uri.rstrip('/')}/{found[0]}"
 
 
@@ -135,7 +136,7 @@ def backbone_args(model_cfg, image_cfg, num_classes: int) -> BackboneArgs:
     architecture) and preprocessor_config.json (the normalization)."""
     library, mean, std = {}, IMAGENET_MEAN, IMAGENET_STD
     if model_cfg.weights:
-        files, _ = _read(model_cfg.weights)
+        files, _ = _read(model_cfg.weights, with_weights=False)
         if CONFIG_FILE in files:
             library = json.loads(files[CONFIG_FILE])
             if library.get("model_type") not in (None, model_cfg.arch):

@@ -305,6 +305,7 @@ def predict_dataset(
             num_cpus=1,
         )
         kwargs["prepared"] = True
+    elsewhere = current_data_nodes().elsewhere
     return ds.map_batches(
         Predictor,
         fn_constructor_kwargs=kwargs,
@@ -314,7 +315,7 @@ def predict_dataset(
         num_cpus=pcfg.cpus_per_actor,
         num_gpus=pcfg.gpus_per_actor,
         # The model's actors keep off the data nodes (a dataset's own selector would send them there).
-        **({"label_selector": current_data_nodes().elsewhere} if current_data_nodes().data else {}),
+        **({"label_selector": elsewhere} if elsewhere else {}),
         # An actor that dies (node lost, OOM) is restarted and its batches retried: Ray Data's actor pools
         # default to max_restarts=-1 and max_task_retries=-1 (tests/test_faults.py kills one to check).
     )
