@@ -43,7 +43,7 @@ def _text_fit_killing(title: str, out: Path, demo_root: dict, epochs: int):
 def trained_text(ray_cluster, demo_root, tmp_path_factory):
     """A text model trained while one training worker is killed once two checkpoints are registered."""
     out = tmp_path_factory.mktemp("faults")
-    cfg, state, killer = _text_fit_killing("RayTrainWorker", out, demo_root, epochs=6)
+    cfg, state, killer = _text_fit_killing("RayTrainWorker", out, demo_root, epochs=4)
     started = time.time()
     [summary] = run_train(cfg)
     killer.join(timeout=1)
@@ -64,7 +64,7 @@ def test_worker_killed_mid_training_resumes_from_checkpoint(trained_text):
     cfg, out, summary, state, seconds = trained_text
     assert "killed_pid" in state, "the worker was never killed: the test did not test anything"
     history = summary["history"]
-    assert [h["epoch"] for h in history] == list(range(6))  # finished all configured epochs, no repeats
+    assert [h["epoch"] for h in history] == list(range(4))  # finished all configured epochs, no repeats
     resumed = [h["resumed_from_epoch"] for h in history if h["resumed_from_epoch"] is not None]
     # The restarted group resumed from a registered checkpoint (epoch >= 1, two were registered before the
     # kill), not from scratch: the epochs after it carry the checkpoint's epoch.
@@ -129,7 +129,7 @@ def test_controller_killed_releases_the_training_cpus_and_a_rerun_resumes(ray_cl
     that the session fixture gives its processes), and a rerun resumes from the last registered checkpoint."""
     import ray
 
-    cfg, state, killer = _text_fit_killing("TrainController", tmp_path, demo_root, epochs=8)
+    cfg, state, killer = _text_fit_killing("TrainController", tmp_path, demo_root, epochs=5)
     with pytest.raises(ray.exceptions.RayError):
         run_train(cfg)
     killer.join(timeout=1)
@@ -156,7 +156,7 @@ def test_controller_killed_releases_the_training_cpus_and_a_rerun_resumes(ray_cl
 
     [summary] = run_train(cfg)
     history = summary["history"]
-    assert [h["epoch"] for h in history] == list(range(8))
+    assert [h["epoch"] for h in history] == list(range(5))
     resumed = {h["resumed_from_epoch"] for h in history if h["resumed_from_epoch"] is not None}
     assert len(resumed) == 1 and resumed.pop() >= 1, "the rerun started over instead of resuming"
     assert summary["test_accuracy"] > 0.5

@@ -5,6 +5,7 @@ checked in tests/test_resources.py)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,8 @@ import pytest
 from test_resources import OTHER_CLUSTER_SIGNS
 
 REPO = Path(__file__).parents[1]
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_BUSY_RAYLET = re.compile(r"\(raylet\) WARNING: \d+ PYTHON worker processes have been started on node")
 BANNERS = ("Starting execution of Dataset", "Execution plan of Dataset", "Total Progress", "Running Dataset")
 
 
@@ -52,7 +55,10 @@ def test_the_demo_night_logs_its_plan_stages_epochs_and_summary_and_nothing_else
         assert any(f"{task}: scored score 333 rows (0 rejected) in " in line for line in lines)
         assert any(line.startswith(f"[{task}] test accuracy ") for line in lines)  # the summary
     assert [line for line in lines if any(banner in line for banner in BANNERS)] == []
-    assert [line for line in lines if "WARNING" in line or "Warning" in line] == []
+    # The session's raylet says so when the suite has it start many worker processes at once (the load on
+    # this host, not the job's doing); any other warning fails the test.
+    warnings = [line for line in lines if ("WARNING" in line or "Warning" in line)]
+    assert [line for line in warnings if not _BUSY_RAYLET.match(_ANSI.sub("", line))] == []
     # The test session's own Ray runs on this host meanwhile: the job's processes talk to the job's cluster
     # only (Ray Train's placement-group cleaner once asked the other one whether this controller lived).
     for sign in (*OTHER_CLUSTER_SIGNS, "State API may be temporarily unavailable", "Traceback"):
