@@ -252,7 +252,7 @@ def inference_killed(out: Path, score: Path, rows: int, compute: str, title: str
 
 
 def node_removed(root: Path, data: dict[str, str]) -> dict:
-    """tests/multinode_run.py (3 nodes, training spread over two, 10 epochs) without and with a worker
+    """tests/multinode_run.py (3 nodes, training spread over two, 8 epochs) without and with a worker
     node removed once a checkpoint is registered."""
     runs = {}
     for name, flag in (("clean", ["--no-fault"]), ("faulted", [])):
@@ -313,7 +313,7 @@ def print_table(results: dict) -> None:
         rows.append(("training job (driver) killed, then rerun", r["clean_s"], r["faulted_s"],
                      r["resumed_from"], r["exact"], accuracy))  # fmt: skip
     for name, label in (
-        ("node_removed", "worker node removed (3 nodes, 10 epochs)"),
+        ("node_removed", "worker node removed (3 nodes, 8 epochs)"),
         ("predict_job_killed", "prediction job killed, then rerun"),
         ("predict_job_killed_parts", "  same, 4 parts, killed after the first"),
         ("actor_killed", "inference actor killed"),

@@ -44,15 +44,16 @@ def test_an_elastic_fit_goes_on_with_one_worker_when_a_node_is_lost_and_grows_ba
     assert "removed_node" in result, "no worker node was removed: the test did not test anything"
     assert result["worker_nodes_hosting"] >= 1
     history = result["summary"]["history"]
-    assert [h["epoch"] for h in history] == list(range(10))
+    assert [h["epoch"] for h in history] == list(range(8))
     resumed = {h["resumed_from_epoch"] for h in history} - {None}
     assert resumed, "the run started over instead of resuming from its checkpoint"
     sizes = [h["world_size"] for h in history]
     assert sizes[0] == 2 and 1 in sizes, sizes  # started with two, went on with one
     assert 2 in sizes[sizes.index(1) :], sizes  # and grew back to two
-    assert [h["train_samples"] for h in history] == [1500] * 10
+    assert [h["train_samples"] for h in history] == [1500] * 8
     assert result["summary"]["test_accuracy"] > 0.5
-    print(f"node removal: resumed after epoch {min(resumed)}, whole run {result['seconds']:.0f}s")
+    phases = ", ".join(f"{name} {seconds:.0f}s" for name, seconds in result["phases_s"].items())
+    print(f"node removal: resumed after epoch {min(resumed)}; helper phases: {phases}")
 
 
 @pytest.mark.slow
