@@ -124,9 +124,9 @@ def test_a_local_job_runs_without_the_dashboards_packages(ray_cluster, demo_root
 
 
 LOCAL_DASHBOARD = """
-import json, logging, urllib.request
+import json, logging, subprocess, sys, urllib.request
+from pathlib import Path
 import psutil, ray
-from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
 from dlbatch.cluster import ensure_ray
 from dlbatch.config import load_config
 
@@ -156,16 +156,20 @@ def get(url, headers):
         return err.code
 
 
+# The cluster's token as `ray get-auth-token` prints it, sent as Ray's token authentication documents.
+ray_cli = str(Path(sys.executable).with_name("ray"))
+token = subprocess.run([ray_cli, "get-auth-token"], capture_output=True, text=True, check=True).stdout.strip()
+with_token = {"Authorization": f"Bearer {token}"}
 seen = {}
 for name, overrides in (("default", []), ("off", ["cluster.local_dashboard=false"])):
     ensure_ray(load_config(None, overrides))
-    url = ray._private.worker._global_node.address_info["webui_url"]
+    url = ray.init(ignore_reinit_error=True).dashboard_url  # the running cluster's context
     seen[name] = {
         "log": logged[-1],
         "url": url,
         "hosts": dashboard_hosts(),
         "status": url and {"anyone": get(f"http://{url}/api/version", {}),
-                           "token": get(f"http://{url}/api/version", get_auth_headers_if_auth_enabled({}))},
+                           "token": get(f"http://{url}/api/version", with_token)},
     }
     ray.shutdown()
 print(json.dumps(seen))
